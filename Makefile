@@ -1,0 +1,43 @@
+# Every install step lives here. `make test` and `make demo` work on a fresh Debian machine (run as root,
+# or with sudo available, for the Fashion-MNIST package).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA_DIR ?= /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install data test test-slow lint demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed data
+
+data:
+	@if [ -z "$$ADAPERCEIVER_DATA_DIR" ] && [ ! -e $(DATA_DIR)/t10k-labels-idx1-ubyte.gz ] && [ ! -e $(DATA_DIR)/t10k-labels-idx1-ubyte ]; then \
+		echo "installing Debian's dataset-fashion-mnist"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+demo: install
+	$(PY) train_policy.py --flops-penalty 0.3
+
+bench: install
+	$(PY) benchmarks/bench_backbone.py
+	$(PY) benchmarks/bench_env.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,112 @@
+"""Typed configuration of an AdaPerceiver backbone.
+
+The config is the single source of truth for a model's shape *and* its preprocessing: it is stored in
+every checkpoint's metadata, so a checkpoint can always be rebuilt and fed correctly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class AdaPerceiverConfig:
+    """Shape, adaptivity grid and preprocessing of an AdaPerceiver (DESIGN §2-3)."""
+
+    # --- input -------------------------------------------------------------------------------------------------
+    img_size: int = 28  # square input side in pixels; other sizes are rejected (no silent resampling)
+    in_chans: int = 1  # input channels (1 = grayscale)
+    num_classes: int = 10  # classifier outputs
+    mean: tuple[float, ...] = (0.2860,)  # per-channel normalisation mean, applied inside the model to [0, 1] input
+    std: tuple[float, ...] = (0.3530,)  # per-channel normalisation std
+    # --- input adapter -----------------------------------------------------------------------------------------
+    patch_size: int = 4  # side of one patch; the patch grid is (img_size / patch_size)^2
+    stem: Literal["patch", "conv"] = "conv"  # "patch": one conv k=s=patch; "conv": 3x3 convs + GELU, conv to patch
+    stem_dims: tuple[int, ...] = (32,)  # channels of the "conv" stem's 3x3 convs (first one stride 2)
+    # --- latent transformer ------------------------------------------------------------------------------------
+    embed_dim: int = 128  # D: width of latents, patches and the residual stream
+    num_heads: int = 4  # attention heads (head dim = D / heads, must be even for RoPE)
+    depth: int = 8  # L: number of latent blocks = number of early-exit points
+    ffn_ratio: float = 4.0  # MLP hidden = int(width * ffn_ratio) at FFN width `width`
+    qkv_bias: bool = True  # bias on q/k/v projections
+    ls_init_values: float = 1e-5  # LayerScale init (small, so a fresh block is near-identity)
+    drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over blocks
+    rope_theta: float = 100.0  # RoPE base; small because latent indices only go up to max(token_granularities)
+    # --- adaptivity grid ---------------------------------------------------------------------------------------
+    token_granularities: tuple[int, ...] = (4, 8, 16, 32)  # nested latent counts g_1 < ... < g_K = N_max
+    widths: tuple[int, ...] = (32, 64, 128)  # Matryoshka FFN widths w_1 < ... < w_M = D ("mat_dims")
+    name: str = "adaperceiver_fmnist"  # registry name this config was built from (informational)
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the checkpoint
+
+    def __post_init__(self) -> None:
+        # normalise lists (from YAML/JSON) to tuples so configs compare and hash by value
+        for name in ("mean", "std", "token_granularities", "widths", "stem_dims"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError on shapes that cannot work, with a message naming the field."""
+        g, w = self.token_granularities, self.widths
+        if not g or list(g) != sorted(set(g)) or g[0] < 1:
+            raise ValueError(f"token_granularities must be strictly increasing positive ints, got {g}")
+        if not w or list(w) != sorted(set(w)) or w[0] < 1 or w[-1] != self.embed_dim:
+            raise ValueError(f"widths must be strictly increasing and end at embed_dim={self.embed_dim}, got {w}")
+        if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 2:
+            raise ValueError(f"embed_dim={self.embed_dim} / num_heads={self.num_heads} must be an even integer")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size={self.img_size} must be divisible by patch_size={self.patch_size}")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size % 2):
+            raise ValueError(f"the conv stem needs an even patch_size >= 2, got {self.patch_size}")
+        if self.stem == "conv" and (not self.stem_dims or min(self.stem_dims) < 1):
+            raise ValueError(f"stem_dims must be a non-empty list of positive channel counts, got {self.stem_dims}")
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ValueError(f"mean/std need {self.in_chans} values (one per channel), got {self.mean}/{self.std}")
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+
+    # --- derived quantities ------------------------------------------------------------------------------------
+    @property
+    def max_tokens(self) -> int:
+        return self.token_granularities[-1]
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    def hidden_dim(self, width: int) -> int:
+        """MLP hidden units used at FFN width ``width`` (DESIGN §2, Matryoshka FFN)."""
+        return int(width * self.ffn_ratio)
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """(K, L, M): number of token granularities, depths and widths."""
+        return len(self.token_granularities), self.depth, len(self.widths)
+
+    # --- (de)serialisation -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AdaPerceiverConfig:
+        if "stem_dim" in d:  # checkpoints written before stem_dims existed
+            d = {**{k: v for k, v in d.items() if k != "stem_dim"}, "stem_dims": (d["stem_dim"],)}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown AdaPerceiverConfig fields {unknown}; valid fields: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **overrides: Any) -> AdaPerceiverConfig:
+        return self.from_dict({**self.to_dict(), **overrides})

@@ -1,0 +1,98 @@
+"""Named model sizes, ``create_model`` and registration with timm's model registry.
+
+Each named size is a tiny function holding only its size dict (timm's ``@register_model`` pattern), so
+``timm.create_model("adaperceiver_test")`` works as well as ``backbone.create_model("adaperceiver_test")``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import register_model
+
+from backbone.config import AdaPerceiverConfig
+from backbone.model import AdaPerceiver
+
+_ENTRYPOINTS: dict[str, Callable[..., AdaPerceiver]] = {}
+_TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _build(name: str, size: dict[str, Any], pretrained: bool = False, **overrides: Any) -> AdaPerceiver:
+    for key in _TIMM_ONLY_KWARGS:  # passed by timm.create_model, meaningless here
+        overrides.pop(key, None)
+    if pretrained:
+        raise ValueError("no weights are downloaded; load a checkpoint with backbone.load_backbone(path)")
+    return AdaPerceiver(AdaPerceiverConfig.from_dict({"name": name, **size, **overrides}))
+
+
+def _named_size(fn: Callable[..., AdaPerceiver]) -> Callable[..., AdaPerceiver]:
+    _ENTRYPOINTS[fn.__name__] = fn
+    return register_model(fn)
+
+
+@_named_size
+def adaperceiver_test(pretrained: bool = False, **kwargs: Any) -> AdaPerceiver:
+    """Tiny size for tests: 28x28x1 input, 16 patches, D=32, 3 blocks, 3 x 3 x 3 settings."""
+    size = dict(
+        patch_size=7,
+        stem="patch",
+        embed_dim=32,
+        num_heads=2,
+        depth=3,
+        ffn_ratio=2.0,
+        token_granularities=(2, 4, 8),
+        widths=(8, 16, 32),
+    )
+    return _build("adaperceiver_test", size, pretrained, **kwargs)
+
+
+@_named_size
+def adaperceiver_fmnist(pretrained: bool = False, **kwargs: Any) -> AdaPerceiver:
+    """Default for 28x28x1, 10 classes: conv stem to 7x7 patches, D=128, 8 blocks, 4 x 8 x 3 settings."""
+    size = dict(
+        patch_size=4,
+        stem="conv",
+        stem_dims=(32,),
+        embed_dim=128,
+        num_heads=4,
+        depth=8,
+        ffn_ratio=4.0,
+        token_granularities=(4, 8, 16, 32),
+        widths=(32, 64, 128),
+    )
+    return _build("adaperceiver_fmnist", size, pretrained, **kwargs)
+
+
+@_named_size
+def adaperceiver_in1k(pretrained: bool = False, **kwargs: Any) -> AdaPerceiver:
+    """Shape of the released ImageNet-1K model (DESIGN §2): built, not trained here."""
+    size = dict(
+        img_size=224,
+        in_chans=3,
+        num_classes=1000,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        patch_size=16,
+        stem="patch",
+        embed_dim=832,
+        num_heads=13,
+        depth=21,
+        ffn_ratio=2.57,
+        rope_theta=10000.0,
+        ls_init_values=1e-6,
+        token_granularities=(32, 64, 96, 128, 192, 256),
+        widths=(416, 624, 832),
+    )
+    return _build("adaperceiver_in1k", size, pretrained, **kwargs)
+
+
+MODEL_NAMES = tuple(_ENTRYPOINTS)
+
+
+def create_model(name: str, **overrides: Any) -> AdaPerceiver:
+    """Build a named size; ``overrides`` replace fields of its :class:`AdaPerceiverConfig`."""
+    if name not in _ENTRYPOINTS:
+        raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}")
+    return _ENTRYPOINTS[name](**overrides)

@@ -1,0 +1,84 @@
+"""Self- and cross-attention with 1-D RoPE on a chosen side (DESIGN §2, "RoPE placement").
+
+* latent self-attention: RoPE on q and k, block-causal mask;
+* read (latents <- patches): RoPE on the query (latent) side only;
+* write (output query <- latents): RoPE on the key (latent) side only.
+
+Both use ``F.scaled_dot_product_attention``; the FLOPs of its CPU kernel are registered for
+``FlopCounterMode`` in ``backbone/flops.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backbone.layers.rope import RotaryEmbedding1d
+
+
+def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    b, n, d = x.shape
+    return x.view(b, n, num_heads, d // num_heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, dh = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * dh)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over latents with RoPE on q/k.
+
+    q, k and v are one fused linear (mathematically the separate q/k/v linears of DESIGN §2, one matmul).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding1d, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = (_split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k = rope(q), rope(k)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj_drop(self.proj(_merge_heads(y)))
+
+
+class CrossAttention(nn.Module):
+    """Pre-norm cross-attention ``CrossAttn(q=LN_q(x_q), kv=LN_kv(x_kv))`` with separate sink/source norms.
+
+    The key/value side is exposed as :meth:`project_kv` so callers can compute it once and reuse it: the read's
+    patch keys/values are shared by every setting, and the write's latent keys/values for ``g`` latents are the
+    first ``g`` rows of those for all latents.
+    """
+
+    def __init__(self, dim: int, num_heads: int, rope_side: Literal["q", "k"] | None, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.rope_side = rope_side
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def project_q(self, x_q: torch.Tensor, rope: RotaryEmbedding1d | None = None) -> torch.Tensor:
+        q = _split_heads(self.q(self.norm_q(x_q)), self.num_heads)
+        return rope(q) if self.rope_side == "q" else q
+
+    def project_kv(
+        self, x_kv: torch.Tensor, rope: RotaryEmbedding1d | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = (_split_heads(t, self.num_heads) for t in self.kv(self.norm_kv(x_kv)).chunk(2, dim=-1))
+        return (rope(k) if self.rope_side == "k" else k), v
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention of projected ``q`` over projected ``k``/``v``, then the output projection."""
+        return self.proj(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)))

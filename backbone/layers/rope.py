@@ -1,0 +1,31 @@
+"""1-D rotary position embedding over the latent index.
+
+Latents start as copies of one learned vector; RoPE is the only thing that tells them apart (DESIGN §2).
+Because the rotation of latent ``i`` depends on ``i`` alone, the first ``g`` latents see the same angles
+whatever the total number of latents, which keeps token granularities nested.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RotaryEmbedding1d(nn.Module):
+    """Precomputed cos/sin tables for positions ``0..max_len-1`` (rotate-half convention)."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float = 100.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (max_len, head_dim/2)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` of shape ``(B, heads, N, head_dim)`` by the angles of positions ``0..N-1``."""
+        n = x.shape[-2]
+        cos, sin = self.cos[:n].to(x.dtype), self.sin[:n].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)

@@ -1,0 +1,233 @@
+"""AdaPerceiver: one set of weights that runs at any (tokens, depth, width) setting (arXiv 2511.18105, DESIGN §2).
+
+Data flow for one setting ``(g, d, w)``::
+
+    image -> normalise -> stem + pos-embed -> patches ----------------------(k, v)-----+
+                                                                                       v
+    learned latent x g (RoPE on the query side) --------------------------------> read cross-attn
+    -> d blocks (block-causal self-attn, Matryoshka MLP at width w)
+    -> write: one learned output query cross-attends to the g latents (RoPE on keys) -> LN -> linear head
+
+Patches never enter the block stack. The patch keys/values of the read are the same for every setting, so
+:meth:`AdaPerceiver.embed` computes them once (:class:`PatchMemory`) and any number of settings can be run from
+them (the probe of the controller and the setting it then picks share this work).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from timm.layers import PatchEmbed, trunc_normal_
+from torch import nn
+
+from backbone.config import AdaPerceiverConfig
+from backbone.flops import flops_breakdown
+from backbone.layers import Block, ConvStem, CrossAttention, RotaryEmbedding1d, block_causal_mask
+
+Width = int | Sequence[int] | torch.Tensor | None
+
+
+@dataclass
+class PatchMemory:
+    """What every setting shares for a batch: the patch tokens and the read's keys/values over them."""
+
+    tokens: torch.Tensor  # (B, P, D) patch embedding + position embedding
+    k: torch.Tensor  # (B, heads, P, head_dim)
+    v: torch.Tensor  # (B, heads, P, head_dim)
+
+    def __getitem__(self, index: torch.Tensor | slice) -> PatchMemory:
+        """Rows of the batch (used to run a group of samples at one setting)."""
+        return PatchMemory(self.tokens[index], self.k[index], self.v[index])
+
+
+class AdaPerceiver(nn.Module):
+    """Perceiver-style classifier adaptive in latent tokens, depth (early exit) and FFN width."""
+
+    def __init__(self, cfg: AdaPerceiverConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
+        if cfg.stem == "conv":
+            self.stem = ConvStem(cfg.img_size, cfg.patch_size, cfg.in_chans, d, cfg.stem_dims)
+        else:
+            self.stem = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, d)  # one conv, kernel = stride = patch
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, d))
+        self.latent = nn.Parameter(torch.zeros(1, 1, d))  # one learned vector, repeated g times
+        self.rope = RotaryEmbedding1d(cfg.head_dim, cfg.max_tokens, cfg.rope_theta)
+        self.read = CrossAttention(d, cfg.num_heads, rope_side="q", qkv_bias=cfg.qkv_bias)
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.num_heads, cfg.ffn_ratio, cfg.qkv_bias, cfg.ls_init_values, dpr[i]) for i in range(cfg.depth)
+        )
+        self.out_query = nn.Parameter(torch.zeros(1, 1, d))
+        self.write = CrossAttention(d, cfg.num_heads, rope_side="k", qkv_bias=cfg.qkv_bias)
+        self.head_norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, cfg.num_classes)
+        self.register_buffer("attn_mask", block_causal_mask(cfg.token_granularities), persistent=False)
+        # write-out masks for forward_all: row k lets the output query see latents [0, g_k)
+        grans = torch.tensor(cfg.token_granularities)
+        self.register_buffer("write_masks", torch.arange(cfg.max_tokens)[None] < grans[:, None], persistent=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        for p in (self.pos_embed, self.latent, self.out_query):
+            trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # --- validation --------------------------------------------------------------------------------------------
+    def resolve_setting(self, num_tokens: int | None, depth: int | None, width: Width) -> tuple[int, int, Width]:
+        """Fill ``None`` with the largest value and check each axis; ValueError names the valid choices.
+
+        Integer-likes (numpy integers from Gymnasium actions, 0-d tensors) are accepted and returned as ``int``.
+        """
+        cfg = self.cfg
+        g = cfg.max_tokens if num_tokens is None else _as_int(num_tokens, "num_tokens")
+        if g not in cfg.token_granularities:
+            raise ValueError(
+                f"num_tokens={g} is not a token granularity; choose one of {list(cfg.token_granularities)}"
+            )
+        d = cfg.depth if depth is None else _as_int(depth, "depth")
+        if not 1 <= d <= cfg.depth:
+            raise ValueError(f"depth={d} is outside 1..{cfg.depth}")
+        if width is None:
+            w: Width = cfg.widths[-1]
+        elif _is_scalar(width):
+            w = _as_int(width, "width")
+        else:
+            w = [_as_int(v, "width") for v in (width.tolist() if isinstance(width, torch.Tensor) else width)]
+        bad = sorted({v for v in ([w] if isinstance(w, int) else w) if v not in cfg.widths})
+        if bad:
+            raise ValueError(f"width {bad} is not an FFN width; choose from {list(cfg.widths)}")
+        return g, d, w
+
+    def _hidden(self, width: int | list[int], batch: int) -> int | torch.Tensor:
+        """Width(s) -> MLP hidden units: an int slices the weights, a per-sample list masks them."""
+        if isinstance(width, int):
+            return self.cfg.hidden_dim(width)
+        if len(width) != batch:
+            raise ValueError(f"per-sample width needs {batch} values (one per image), got {len(width)}")
+        return torch.tensor([self.cfg.hidden_dim(w) for w in width], device=self.pos_embed.device)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Reject anything but finite float images ``(B, C, img_size, img_size)`` scaled to [0, 1]."""
+        cfg = self.cfg
+        want = f"(B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size})"
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            raise ValueError(f"expected a 4-D image batch {want}, got shape {tuple(getattr(x, 'shape', ()))}")
+        if x.shape[1] != cfg.in_chans:
+            raise ValueError(f"expected {cfg.in_chans} channel(s) {want}, got {x.shape[1]} (shape {tuple(x.shape)})")
+        if x.shape[2:] != (cfg.img_size, cfg.img_size):
+            raise ValueError(f"expected images of size {want}, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"expected float images scaled to [0, 1], got dtype {x.dtype}")
+        if x.shape[0] == 0:
+            raise ValueError("empty batch")
+        if not torch.isfinite(x).all():
+            raise ValueError("input contains NaN or infinite values")
+
+    # --- the shared part ---------------------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> PatchMemory:
+        """Normalise, patchify and project the read's keys/values: the work every setting shares."""
+        self.check_input(x)
+        tokens = self.stem((x - self.mean) / self.std) + self.pos_embed
+        k, v = self.read.project_kv(tokens)
+        return PatchMemory(tokens, k, v)
+
+    def _read(self, memory: PatchMemory, num_tokens: int) -> torch.Tensor:
+        """Latents ``(B, g, D)`` after reading the patches. The queries do not depend on the input."""
+        latents = self.latent.expand(1, num_tokens, -1)
+        q = self.read.project_q(latents, self.rope)
+        b = memory.k.shape[0]
+        return latents + self.read.attend(q.expand(b, -1, -1, -1), memory.k, memory.v)
+
+    def _write(self, latents: torch.Tensor, write_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from latents; with ``write_mask`` (Q, N) one write-out per mask row: ``(B, Q, classes)``."""
+        b = latents.shape[0]
+        q = self.write.project_q(self.out_query)  # (1, heads, 1, head_dim), input-independent
+        k, v = self.write.project_kv(latents, self.rope)
+        if write_mask is not None:
+            q = q.expand(b, -1, write_mask.shape[0], -1)
+        out = self.out_query + self.write.attend(q.expand(b, -1, -1, -1), k, v, write_mask)
+        return self.head(self.head_norm(out))
+
+    # --- public forward API (timm-style) ----------------------------------------------------------------------
+    def forward_features(
+        self,
+        x: torch.Tensor | PatchMemory,
+        num_tokens: int | None = None,
+        depth: int | None = None,
+        width: Width = None,
+    ) -> torch.Tensor:
+        """Latents ``(B, g, D)`` after ``depth`` blocks at ``num_tokens`` latents and FFN ``width``."""
+        g, d, w = self.resolve_setting(num_tokens, depth, width)
+        memory = x if isinstance(x, PatchMemory) else self.embed(x)
+        hidden = self._hidden(w, memory.k.shape[0])
+        # with one granularity in play every latent sees all g others, so the mask can be skipped
+        mask = None if g == self.cfg.token_granularities[0] else self.attn_mask[:g, :g]
+        latents = self._read(memory, g)
+        for block in self.blocks[:d]:
+            latents = block(latents, self.rope, mask, hidden)
+        return latents
+
+    def forward_head(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._write(latents)[:, 0]
+
+    def forward(
+        self,
+        x: torch.Tensor | PatchMemory,
+        num_tokens: int | None = None,
+        depth: int | None = None,
+        width: Width = None,
+    ) -> torch.Tensor:
+        """Logits ``(B, classes)`` at one setting; ``None`` means the largest value of that axis."""
+        return self.forward_head(self.forward_features(x, num_tokens, depth, width))
+
+    def forward_all(self, x: torch.Tensor | PatchMemory, width: Width = None) -> torch.Tensor:
+        """Logits ``(B, K, L, classes)`` of every token granularity and every depth, in one pass.
+
+        Runs ``N_max`` latents with the block-causal mask; after each block the output query is written out
+        once per granularity ``g_k`` with the latents ``>= g_k`` masked away. That equals running the model
+        at ``(g_k, depth)`` because the first ``g_k`` latents never depend on later ones.
+        """
+        _, _, w = self.resolve_setting(None, None, width)
+        memory = x if isinstance(x, PatchMemory) else self.embed(x)
+        hidden = self._hidden(w, memory.k.shape[0])
+        latents = self._read(memory, self.cfg.max_tokens)
+        outs = []
+        for block in self.blocks:
+            latents = block(latents, self.rope, self.attn_mask, hidden)
+            outs.append(self._write(latents, self.write_masks))
+        return torch.stack(outs, dim=2)
+
+    # --- compute -----------------------------------------------------------------------------------------------
+    def flops(self, num_tokens: int | None = None, depth: int | None = None, width: int | None = None) -> int:
+        """Analytic FLOPs per image at a setting (2 per multiply-add; see ``backbone/flops.py``)."""
+        g, d, w = self.resolve_setting(num_tokens, depth, width)
+        if not isinstance(w, int):
+            raise ValueError("flops() takes one width, not a per-sample sequence")
+        return sum(flops_breakdown(self.cfg, g, d, w).values())
+
+    def settings(self) -> list[tuple[int, int, int]]:
+        """Every (tokens, depth, width) setting, in (K, L, M) index order."""
+        c = self.cfg
+        return [(g, d, w) for g in c.token_granularities for d in range(1, c.depth + 1) for w in c.widths]
+
+
+def _is_scalar(v: object) -> bool:
+    return not isinstance(v, (Sequence, torch.Tensor)) or (isinstance(v, torch.Tensor) and v.ndim == 0)
+
+
+def _as_int(v: object, name: str) -> int:
+    try:
+        return operator.index(v.item() if isinstance(v, torch.Tensor) else v)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {v!r}") from None

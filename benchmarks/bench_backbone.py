@@ -1,0 +1,154 @@
+"""Inference speed of the AdaPerceiver backbone next to the machine's fp32 matmul rate.
+
+    python benchmarks/bench_backbone.py [--model adaperceiver_fmnist] [--checkpoint PATH] [--batch-size 256]
+                                        [--repeats 5] [--threads 0] [--json results.json]
+
+Prints, for the full, a middle and the smallest setting: images/s (median of ``--repeats`` timed passes after a
+warm-up, ``torch.inference_mode``), analytic FLOPs per image and the achieved GFLOP/s; the full setting's fraction of
+the machine's fp32 matmul rate (large square matmul); and the smallest setting's wall-clock speedup over the full
+one next to its FLOPs ratio (speedup / FLOPs ratio = 1 would mean the FLOP savings turn fully into time savings).
+
+Run it on an otherwise idle machine: the numbers are meaningless while something else (a training job) competes
+for the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
+
+from backbone import AdaPerceiver, create_model, load_backbone
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_gflops(n: int, repeats: int) -> float:
+    """fp32 GFLOP/s of an ``n x n @ n x n`` matmul (2 n^3 FLOPs)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    with torch.inference_mode():
+        seconds = median_seconds(lambda: torch.mm(a, b, out=out), repeats, warmup=2)
+    return 2 * n**3 / seconds / 1e9
+
+
+def pick_settings(model: AdaPerceiver) -> dict[str, tuple[int, int, int]]:
+    """Full, smallest and a middle setting (middle token count, half depth, middle width)."""
+    c = model.cfg
+    grans, widths = c.token_granularities, c.widths
+    return {
+        "full": (grans[-1], c.depth, widths[-1]),
+        "middle": (grans[len(grans) // 2], max(1, c.depth // 2), widths[len(widths) // 2]),
+        "smallest": (grans[0], 1, widths[0]),
+    }
+
+
+def bench_setting(model: AdaPerceiver, x: torch.Tensor, setting: tuple[int, int, int], repeats: int) -> dict:
+    g, d, w = setting
+    with torch.inference_mode():
+        seconds = median_seconds(lambda: model(x, num_tokens=g, depth=d, width=w), repeats, warmup=2)
+    flops = model.flops(g, d, w)
+    images_per_s = len(x) / seconds
+    return {
+        "tokens": g,
+        "depth": d,
+        "width": w,
+        "mflops_per_image": flops / 1e6,
+        "ms_per_batch": 1e3 * seconds,
+        "images_per_s": images_per_s,
+        "gflops_per_s": flops * images_per_s / 1e9,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    parser.add_argument("--model", default="adaperceiver_fmnist", help="named size (untrained weights)")
+    parser.add_argument("--checkpoint", help="backbone .safetensors to time instead of --model")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes per measurement (median reported)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square fp32 matmul")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.repeats < 1:
+        parser.error("--batch-size and --repeats must be >= 1")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    try:
+        model = load_backbone(args.checkpoint) if args.checkpoint else create_model(args.model)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model.eval()
+    c = model.cfg
+    x = torch.rand(args.batch_size, c.in_chans, c.img_size, c.img_size)
+
+    matmul = matmul_gflops(args.matmul_size, args.repeats)
+    results = {name: bench_setting(model, x, s, args.repeats) for name, s in pick_settings(model).items()}
+    full, small = results["full"], results["smallest"]
+    speedup = small["images_per_s"] / full["images_per_s"]
+    flops_ratio = full["mflops_per_image"] / small["mflops_per_image"]
+    summary = {
+        "config": {
+            "model": args.checkpoint or args.model,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "batch_size": args.batch_size,
+            "repeats": args.repeats,
+            "matmul_size": args.matmul_size,
+            "machine": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
+        "matmul_gflops_per_s": matmul,
+        "settings": results,
+        "full_fraction_of_matmul": full["gflops_per_s"] / matmul,
+        "smallest_speedup_over_full": speedup,
+        "smallest_flops_ratio": flops_ratio,
+        "speedup_over_flops_ratio": speedup / flops_ratio,
+    }
+
+    cfg = summary["config"]
+    print(f"# Backbone inference benchmark: `{cfg['model']}`\n")
+    print(f"torch {cfg['torch']}, {cfg['threads']} threads, batch {cfg['batch_size']}, median of {cfg['repeats']}, "
+          f"{cfg['machine']}\n")  # fmt: skip
+    print(f"fp32 matmul ({args.matmul_size}^2): **{matmul:.1f} GFLOP/s**\n")
+    print("| setting | tokens | depth | width | MFLOPs/img | ms/batch | images/s | GFLOP/s | % of matmul |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        print(f"| {name} | {r['tokens']} | {r['depth']} | {r['width']} | {r['mflops_per_image']:.2f} | "
+              f"{r['ms_per_batch']:.1f} | {r['images_per_s']:.0f} | {r['gflops_per_s']:.1f} | "
+              f"{100 * r['gflops_per_s'] / matmul:.1f}% |")  # fmt: skip
+    print()
+    print(f"- full setting reaches {100 * summary['full_fraction_of_matmul']:.1f}% of the matmul rate")
+    print(f"- smallest setting: {speedup:.1f}x faster than full for {flops_ratio:.1f}x fewer FLOPs "
+          f"(speedup / FLOPs ratio = {summary['speedup_over_flops_ratio']:.2f})")  # fmt: skip
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

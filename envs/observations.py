@@ -1,0 +1,129 @@
+"""Observation specs: the cheap per-image features the controller sees before it picks a setting (DESIGN §5).
+
+Every spec works from the :class:`~backbone.model.PatchMemory` that :meth:`AdaPerceiver.embed` returns. That memory
+(patch embedding + the read's keys/values) is shared with whatever setting the controller then runs, so its cost is
+already part of ``FLOPs(setting)``; :meth:`ObservationSpec.flops` counts only the controller's *extra* work on top.
+
+Features:
+
+* ``pooled``: ``layer_norm(mean over patches of memory.tokens)`` without affine parameters, ``D`` values. Each
+  element of a unit-variance, zero-mean vector of length ``D`` is at most ``sqrt(D - 1)`` in magnitude, so the
+  bounds ``+-sqrt(D)`` hold exactly and need no clipping.
+* ``probe``: top-1 probability, top-1 minus top-2 probability and entropy (nats) of the cheapest setting
+  (fewest tokens, depth 1, narrowest width) run from the same memory, 3 values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from backbone.flops import SHARED_PARTS, flops_breakdown
+from backbone.model import AdaPerceiver, PatchMemory
+
+PROBE_STATS = ("top1_prob", "margin", "entropy")
+
+
+def probe_setting(model: AdaPerceiver) -> tuple[int, int, int]:
+    """The cheapest setting ``(tokens, depth, width)``: the probe whose confidence the controller sees."""
+    cfg = model.cfg
+    return cfg.token_granularities[0], 1, cfg.widths[0]
+
+
+def _pooled(model: AdaPerceiver, memory: PatchMemory) -> torch.Tensor:
+    tokens = memory.tokens
+    return F.layer_norm(tokens.mean(1), (tokens.shape[-1],))
+
+
+def _probe(model: AdaPerceiver, memory: PatchMemory) -> torch.Tensor:
+    logits = model(memory, *probe_setting(model)).float()
+    logp = logits.log_softmax(-1)
+    p = logp.exp()
+    top2 = p.topk(2, dim=-1).values if p.shape[-1] > 1 else torch.cat([p, torch.zeros_like(p)], -1)
+    entropy = (-(p * logp).sum(-1)).clamp(0.0, float(np.float32(math.log(p.shape[-1]))))
+    return torch.stack([top2[:, 0].clamp(0.0, 1.0), (top2[:, 0] - top2[:, 1]).clamp(0.0, 1.0), entropy], dim=-1)
+
+
+def _pooled_flops(model: AdaPerceiver) -> int:
+    cfg = model.cfg
+    return cfg.num_patches * cfg.embed_dim + 8 * cfg.embed_dim  # mean over patches + layer norm
+
+
+def _probe_flops(model: AdaPerceiver) -> int:
+    parts = flops_breakdown(model.cfg, *probe_setting(model))
+    return sum(v for k, v in parts.items() if k not in SHARED_PARTS) + 6 * model.cfg.num_classes  # + softmax/stats
+
+
+@dataclass(frozen=True)
+class ObservationSpec:
+    """A named observation: which feature groups it concatenates, in order.
+
+    Attributes:
+        name: Registry key (stored in outcome tables and controller sidecars).
+        pooled: Include the layer-normed pooled patch embedding (``D`` values).
+        probe: Include the probe setting's confidence statistics (3 values, see :data:`PROBE_STATS`).
+    """
+
+    name: str
+    pooled: bool
+    probe: bool
+
+    def dim(self, model: AdaPerceiver) -> int:
+        """Number of features ``F``."""
+        return model.cfg.embed_dim * self.pooled + len(PROBE_STATS) * self.probe
+
+    def feature_names(self, model: AdaPerceiver) -> list[str]:
+        """One name per feature, in order (for logs and plots)."""
+        pooled = [f"pooled_{i}" for i in range(model.cfg.embed_dim)] if self.pooled else []
+        return pooled + (list(PROBE_STATS) if self.probe else [])
+
+    def low(self, model: AdaPerceiver) -> np.ndarray:
+        """Finite float32 lower bounds ``(F,)``."""
+        d = model.cfg.embed_dim
+        pooled = np.full(d, -math.sqrt(d), np.float32) if self.pooled else np.zeros(0, np.float32)
+        probe = np.zeros(len(PROBE_STATS), np.float32) if self.probe else np.zeros(0, np.float32)
+        return np.concatenate([pooled, probe]).astype(np.float32)
+
+    def high(self, model: AdaPerceiver) -> np.ndarray:
+        """Finite float32 upper bounds ``(F,)``: ``sqrt(D)``; probability 1, margin 1, entropy ``log C``."""
+        d, c = model.cfg.embed_dim, model.cfg.num_classes
+        pooled = np.full(d, math.sqrt(d), np.float32) if self.pooled else np.zeros(0, np.float32)
+        probe = np.array([1.0, 1.0, math.log(c)], np.float32) if self.probe else np.zeros(0, np.float32)
+        return np.concatenate([pooled, probe]).astype(np.float32)
+
+    @torch.no_grad()
+    def compute(self, model: AdaPerceiver, memory: PatchMemory) -> torch.Tensor:
+        """Features ``(B, F)`` float32 of a batch, from the memory that :meth:`AdaPerceiver.embed` returned.
+
+        The caller puts the model in eval mode (the probe runs the model).
+        """
+        parts = []
+        if self.pooled:
+            parts.append(_pooled(model, memory).float())
+        if self.probe:
+            parts.append(_probe(model, memory))
+        return torch.cat(parts, dim=-1)
+
+    def flops(self, model: AdaPerceiver) -> int:
+        """Controller-overhead FLOPs per image, excluding the shared ``embed`` + ``read_kv`` (paid by the setting)."""
+        return _pooled_flops(model) * self.pooled + _probe_flops(model) * self.probe
+
+
+OBSERVATIONS: dict[str, ObservationSpec] = {
+    "pooled_probe": ObservationSpec("pooled_probe", pooled=True, probe=True),
+    "pooled": ObservationSpec("pooled", pooled=True, probe=False),
+    "probe": ObservationSpec("probe", pooled=False, probe=True),
+}
+DEFAULT_OBSERVATION = "pooled_probe"
+
+
+def get_observation(name: str) -> ObservationSpec:
+    """Look a spec up by name; ValueError lists the valid names."""
+    try:
+        return OBSERVATIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown observation {name!r}; choose one of {list(OBSERVATIONS)}") from None

@@ -1,0 +1,363 @@
+"""Outcome table: the frozen backbone's result for every (sample, setting) of a split, plus the observations.
+
+The backbone is frozen, so whether setting ``(g, d, w)`` gets sample ``i`` right never changes (DESIGN §5). The table
+holds correctness, cross-entropy and prediction of every sample at every setting (one ``forward_all`` pass per width
+gives all granularities and depths), the observation of every sample and the FLOPs of every setting; the environment's
+``step()`` becomes a lookup. Tables are cached on disk keyed by the backbone's identity (the checkpoint's sha256)::
+
+    <cache_dir>/<sha256[:16]>/<split>__<observation>__n<N>.npz
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from backbone.checkpoint import atomic_write
+from backbone.data import ImageDataset, load_split
+from backbone.evaluate import flops_grid, sweep
+from backbone.model import AdaPerceiver
+from envs.observations import DEFAULT_OBSERVATION, get_observation
+
+FORMAT = "adaperceiver-rl/outcome-table"
+FORMAT_VERSION = 2
+CACHE_DIR_ENV = "ADAPERCEIVER_CACHE_DIR"
+DEFAULT_CACHE_DIR = Path("~/.cache/adaperceiver-rl/tables")
+_ARRAYS = ("correct", "loss", "pred", "confidence", "labels", "obs", "flops")
+
+
+def backbone_identity(model: AdaPerceiver) -> str:
+    """The backbone's identity: its checkpoint file's sha256, else a sha256 of its weights and config.
+
+    Models loaded with :func:`backbone.load_backbone` carry ``checkpoint_sha256``; in-memory models (tests, a model
+    just trained) are hashed from their state_dict tensors (name, dtype, shape and bytes) plus the config JSON, so
+    they too get a stable key that changes whenever a weight does.
+    """
+    sha = getattr(model, "checkpoint_sha256", None)
+    if sha:
+        return str(sha)
+    h = hashlib.sha256(model.cfg.to_json().encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def settings_grid(model: AdaPerceiver) -> dict[str, list[int]]:
+    """The axes of the settings grid: ``{"token_granularities", "depth" (1..L), "widths"}``, each a list."""
+    c = model.cfg
+    return {
+        "token_granularities": list(c.token_granularities),
+        "depth": list(range(1, c.depth + 1)),
+        "widths": list(c.widths),
+    }
+
+
+def dataset_sha256(dataset: ImageDataset) -> str:
+    """sha256 of a dataset's images and labels (tells a custom dataset apart from the named split)."""
+    h = hashlib.sha256()
+    h.update(dataset.images.contiguous().numpy().tobytes())
+    h.update(dataset.labels.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``$ADAPERCEIVER_CACHE_DIR`` if set, else ``~/.cache/adaperceiver-rl/tables``."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR).expanduser()
+
+
+@dataclass
+class OutcomeTable:
+    """Per-sample outcome of every setting of a split, with the observations and FLOPs the environment needs.
+
+    Attributes:
+        correct: ``(n, K, L, M)`` bool, argmax == label at (sample, token index, depth index, width index).
+        loss: ``(n, K, L, M)`` float32 cross-entropy.
+        pred: ``(n, K, L, M)`` int16 predicted class.
+        confidence: ``(n, K, L, M)`` float32 top-1 softmax probability (for the confidence early-exit baseline).
+        labels: ``(n,)`` int64 true class.
+        obs: ``(n, F)`` float32 observation of each sample.
+        flops: ``(K, L, M)`` int64 FLOPs per image of each setting.
+        obs_flops: Controller-overhead FLOPs per image of computing one observation.
+        backbone_sha256: :func:`backbone_identity` of the backbone that produced it.
+        split: Name of the split (or custom dataset) the samples come from.
+        observation: Name of the observation spec.
+        grid: :func:`settings_grid` of the backbone.
+        data_sha256: :func:`dataset_sha256` of the samples ("" if unknown).
+    """
+
+    correct: np.ndarray
+    loss: np.ndarray
+    pred: np.ndarray
+    confidence: np.ndarray
+    labels: np.ndarray
+    obs: np.ndarray
+    flops: np.ndarray
+    obs_flops: int
+    backbone_sha256: str
+    split: str
+    observation: str
+    grid: dict[str, list[int]] = field(default_factory=dict)
+    data_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        shape = (n, *self.flops.shape)
+        for name in ("correct", "loss", "pred", "confidence"):
+            if getattr(self, name).shape != shape:
+                raise ValueError(f"outcome table: {name} has shape {getattr(self, name).shape}, expected {shape}")
+        if self.obs.ndim != 2 or len(self.obs) != n:
+            raise ValueError(f"outcome table: obs has shape {self.obs.shape}, expected ({n}, F)")
+        if n == 0:
+            raise ValueError("outcome table is empty (0 samples)")
+
+    # --- building ------------------------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        model: AdaPerceiver,
+        dataset: ImageDataset,
+        split: str,
+        observation: str = DEFAULT_OBSERVATION,
+        batch_size: int = 500,
+        progress: bool = True,
+    ) -> OutcomeTable:
+        """Evaluate every setting on every sample of ``dataset`` and compute the observations.
+
+        Args:
+            model: The frozen backbone.
+            dataset: The samples (e.g. ``load_split(split)``).
+            split: Name recorded in the table (and checked when it is reused).
+            observation: Name of an :data:`~envs.observations.OBSERVATIONS` spec.
+            batch_size: Images per forward pass.
+            progress: Show tqdm bars.
+
+        Returns:
+            The table; nothing is written to disk (see :func:`load_or_build`).
+        """
+        spec = get_observation(observation)
+        if len(dataset) == 0:
+            raise ValueError(f"dataset {getattr(dataset, 'name', '?')!r} is empty")
+        images, labels = dataset.as_float(), dataset.labels
+        result = sweep(model, images, labels, batch_size=batch_size, progress=progress)
+        obs = np.zeros((len(images), spec.dim(model)), np.float32)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                starts = range(0, len(images), batch_size)
+                for s in tqdm(starts, desc="observations", unit="batch", disable=not progress):
+                    memory = model.embed(images[s : s + batch_size])
+                    obs[s : s + batch_size] = spec.compute(model, memory).numpy()
+        finally:
+            model.train(was_training)
+        return cls(
+            correct=result.correct,
+            loss=result.loss,
+            pred=result.pred,
+            confidence=result.confidence,
+            labels=labels.numpy().astype(np.int64),
+            obs=obs,
+            flops=flops_grid(model),
+            obs_flops=int(spec.flops(model)),
+            backbone_sha256=backbone_identity(model),
+            split=split,
+            observation=observation,
+            grid=settings_grid(model),
+            data_sha256=dataset_sha256(dataset),
+        )
+
+    @classmethod
+    def load_or_build(
+        cls,
+        model: AdaPerceiver,
+        split: str,
+        data_dir: str | os.PathLike | None = None,
+        observation: str = DEFAULT_OBSERVATION,
+        cache_dir: str | os.PathLike | None = None,
+        dataset: ImageDataset | None = None,
+        progress: bool = True,
+        batch_size: int = 500,
+    ) -> OutcomeTable:
+        """Same as the module-level :func:`load_or_build` (cached table, built when missing or stale)."""
+        return load_or_build(model, split, data_dir, observation, cache_dir, dataset, progress, batch_size)
+
+    # --- queries -------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """(K, L, M)."""
+        return tuple(self.flops.shape)  # type: ignore[return-value]
+
+    def accuracy(self) -> np.ndarray:
+        """Accuracy ``(K, L, M)`` of every fixed setting over the table's samples."""
+        return self.correct.mean(0)
+
+    def full_index(self) -> tuple[int, int, int]:
+        """Index ``(K-1, L-1, M-1)`` of the largest setting."""
+        nt, nd, nw = self.flops.shape
+        return nt - 1, nd - 1, nw - 1
+
+    def reward_matrix(self, reward: str = "correct", flops_penalty: float = 0.3) -> np.ndarray:
+        """Reward ``(n, K, L, M)`` float64 of every (sample, setting), read-only and memoised per argument pair.
+
+        ``correct - flops_penalty * FLOPs / FLOPs(full)`` (``-loss`` in place of ``correct`` for ``"neg_ce"``);
+        vectorised copies of the environment that share this table share one matrix.
+        """
+        if reward not in ("correct", "neg_ce"):
+            raise ValueError(f"unknown reward {reward!r}; choose one of ['correct', 'neg_ce']")
+        cache = self.__dict__.setdefault("_reward_cache", {})
+        key = (reward, float(flops_penalty))
+        if key not in cache:
+            base = self.correct.astype(np.float64) if reward == "correct" else -self.loss.astype(np.float64)
+            matrix = base - flops_cost(self.flops, flops_penalty)[None]
+            matrix.setflags(write=False)
+            cache[key] = matrix
+        return cache[key]
+
+    def mismatch(self, model: AdaPerceiver, split: str, observation: str | None = None) -> str | None:
+        """Why this table cannot be used for ``model`` on ``split`` (with ``observation``), or None if it can."""
+        sha = backbone_identity(model)
+        if self.backbone_sha256 != sha:
+            return f"it was built for backbone {self.backbone_sha256[:16]}, not {sha[:16]}"
+        if self.split != split:
+            return f"it was built for split {self.split!r}, not {split!r}"
+        if observation is not None and self.observation != observation:
+            return f"it holds observation {self.observation!r}, not {observation!r}"
+        if self.grid != settings_grid(model):
+            return f"its settings grid {self.grid} differs from the backbone's {settings_grid(model)}"
+        return None
+
+    def check_matches(self, model: AdaPerceiver, split: str, observation: str | None = None) -> None:
+        """Raise ValueError unless the table was built for this backbone, split (and observation)."""
+        why = self.mismatch(model, split, observation)
+        if why is not None:
+            raise ValueError(
+                f"outcome table ({self.split}, {self.observation}, n={len(self)}) does not match: {why}; "
+                "rebuild it with envs.load_or_build(...) or OutcomeTable.build(...)"
+            )
+
+    # --- disk ----------------------------------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "obs_flops": int(self.obs_flops),
+            "backbone_sha256": self.backbone_sha256,
+            "split": self.split,
+            "observation": self.observation,
+            "grid": self.grid,
+            "data_sha256": self.data_sha256,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the table atomically as ``.npz`` (metadata as a JSON string array); return the path."""
+        path = Path(path)
+        arrays = {name: getattr(self, name) for name in _ARRAYS}
+        meta = np.array(json.dumps(self.metadata(), sort_keys=True))
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
+                np.savez(f, meta=meta, **arrays)
+
+        atomic_write(path, write)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> OutcomeTable:
+        """Read a table written by :meth:`save`; ValueError if the file is not one."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                arrays = {name: z[name] for name in _ARRAYS}
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # zipfile / json / missing-key errors all mean "not a readable table"
+            raise ValueError(f"{path} is not a readable outcome table: {e}") from None
+        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path} is not an outcome table of format {FORMAT} v{FORMAT_VERSION}")
+        return cls(
+            **arrays,
+            obs_flops=int(meta["obs_flops"]),
+            backbone_sha256=meta["backbone_sha256"],
+            split=meta["split"],
+            observation=meta["observation"],
+            grid=meta["grid"],
+            data_sha256=meta.get("data_sha256", ""),
+        )
+
+
+def flops_cost(flops: np.ndarray, flops_penalty: float) -> np.ndarray:
+    """The reward's compute term ``flops_penalty * FLOPs / FLOPs(full)`` (float64, same shape as ``flops``)."""
+    return float(flops_penalty) * flops.astype(np.float64) / float(flops[(-1,) * flops.ndim])
+
+
+def table_path(cache_dir: str | os.PathLike, sha256: str, split: str, observation: str, n: int) -> Path:
+    """``<cache_dir>/<sha256[:16]>/<split>__<observation>__n<N>.npz``."""
+    safe_split = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in split)
+    return Path(cache_dir) / sha256[:16] / f"{safe_split}__{observation}__n{n}.npz"
+
+
+def load_or_build(
+    model: AdaPerceiver,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    observation: str = DEFAULT_OBSERVATION,
+    cache_dir: str | os.PathLike | None = None,
+    dataset: ImageDataset | None = None,
+    progress: bool = True,
+    batch_size: int = 500,
+) -> OutcomeTable:
+    """The cached table for (backbone, split, observation), building and caching it when missing or stale.
+
+    A cached file is rebuilt (one line on stderr says why) when its backbone, split, observation, grid or samples
+    differ from the request, or when it cannot be read.
+
+    Args:
+        model: The frozen backbone.
+        split: A named split of :func:`backbone.data.load_split`, or the name of ``dataset``.
+        data_dir: Fashion-MNIST folder for the named split.
+        observation: Observation spec name.
+        cache_dir: Root of the cache (default :func:`default_cache_dir`).
+        dataset: Samples to use instead of loading ``split``.
+        progress: Show tqdm bars while building.
+        batch_size: Images per forward pass while building.
+
+    Returns:
+        The table.
+    """
+    get_observation(observation)  # fail fast on a bad name
+    if dataset is None:
+        dataset = load_split(split, data_dir)
+    sha = backbone_identity(model)
+    path = table_path(
+        cache_dir if cache_dir is not None else default_cache_dir(), sha, split, observation, len(dataset)
+    )
+    if path.is_file():
+        why: str | None
+        try:
+            table = OutcomeTable.load(path)
+            why = table.mismatch(model, split, observation)
+            if why is None and table.data_sha256 != dataset_sha256(dataset):
+                why = "its samples differ from the requested dataset"
+        except ValueError as e:
+            why = str(e)
+        if why is None:
+            return table
+        print(f"outcome table {path} is stale ({why}); rebuilding", file=sys.stderr)
+    table = OutcomeTable.build(model, dataset, split, observation, batch_size=batch_size, progress=progress)
+    table.save(path)
+    return table

@@ -1,0 +1,128 @@
+"""Wall-clock throughput of adaptive inference vs the full setting, measured in one process and one run.
+
+    python -m policy.benchmark --policy runs/RUN [--batch-sizes 256 1] [--repeats 5]
+
+For each batch size: images/s of ``AdaptiveClassifier.predict`` (observation, controller, grouped runs) and of
+the plain full-setting forward on the same test images (median of ``--repeats`` timed passes after a warm-up),
+next to the FLOPs ratio full / adaptive (controller overhead included). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from backbone.checkpoint import write_json
+from backbone.data import DataError, load_split
+from policy.adaptive import AdaptiveClassifier
+
+
+def _throughput(fn: Callable[[torch.Tensor], object], images: torch.Tensor, batch: int, repeats: int) -> list[float]:
+    """images/s of running ``fn`` over ``images`` in batches, one figure per repeat (after one warm-up pass)."""
+    batches = [images[s : s + batch] for s in range(0, len(images), batch)]
+    with torch.inference_mode():
+        for b in batches[: max(1, len(batches) // 4)]:
+            fn(b)
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for b in batches:
+                fn(b)
+            rates.append(len(images) / (time.perf_counter() - t0))
+    return rates
+
+
+def benchmark(clf: AdaptiveClassifier, images: torch.Tensor, batch_sizes: list[int], repeats: int) -> dict:
+    full_flops = int(clf.flops_grid[-1, -1, -1])
+    with torch.inference_mode():
+        adaptive_flops = float(clf.predict(images).flops.mean())
+    rows = []
+    for batch in batch_sizes:
+        # interleave the two measurements so slow drifts of a shared machine hit both alike
+        full, adaptive = [], []
+        for _ in range(repeats):
+            full += _throughput(clf.backbone, images, batch, 1)
+            adaptive += _throughput(clf.predict, images, batch, 1)
+        f, a = statistics.median(full), statistics.median(adaptive)
+        rows.append(
+            {
+                "images": len(images),
+                "adaptive_mean_flops": adaptive_flops,
+                "batch_size": batch,
+                "full_img_s": f,
+                "adaptive_img_s": a,
+                "speedup": a / f,
+                "flops_ratio": full_flops / adaptive_flops,
+                "speedup_over_flops_ratio": (a / f) / (full_flops / adaptive_flops),
+                "full_img_s_runs": full,
+                "adaptive_img_s_runs": adaptive,
+            }
+        )
+    return {
+        "full_flops": full_flops,
+        "adaptive_mean_flops": adaptive_flops,
+        "images": len(images),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m policy.benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policy", required=True, help="run folder written by train_policy.py")
+    parser.add_argument("--split", default="test", help="images to run (default: test)")
+    parser.add_argument("--limit", type=int, default=2048, help="first N images of the split (default 2048)")
+    parser.add_argument("--limit-batch1", type=int, default=256, help="images for batch size 1 (default 256)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1], help="default: 256 1")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes per measurement (median reported)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--data-dir", help="Fashion-MNIST folder")
+    parser.add_argument("--json", default=None, help="output JSON (default: <policy>/benchmark.json)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        clf = AdaptiveClassifier.load(args.policy)
+        data = load_split(args.split, args.data_dir)
+        images = data.subset(min(args.limit, len(data))).as_float()
+    except (ValueError, FileNotFoundError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = []
+    for batch in args.batch_sizes:
+        subset = images[: args.limit_batch1] if batch == 1 else images
+        results.append(benchmark(clf, subset, [batch], args.repeats))
+    out = {
+        **results[0],
+        "rows": [r for res in results for r in res["rows"]],
+        "policy": args.policy,
+        "split": args.split,
+        "repeats": args.repeats,
+        "command": "python -m policy.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    print(
+        f"adaptive mean {out['adaptive_mean_flops'] / 1e6:.2f} MFLOPs/image vs full {out['full_flops'] / 1e6:.2f}"
+        f" ({out['threads']} threads, torch {out['torch']}, median of {args.repeats})"
+    )
+    print("| batch | full img/s | adaptive img/s | speedup | FLOPs ratio | speedup / FLOPs ratio |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in out["rows"]:
+        print(
+            f"| {r['batch_size']} | {r['full_img_s']:.0f} | {r['adaptive_img_s']:.0f} | {r['speedup']:.2f}x | "
+            f"{r['flops_ratio']:.2f}x | {r['speedup_over_flops_ratio']:.0%} |"
+        )
+    path = Path(args.json) if args.json else Path(args.policy) / "benchmark.json"
+    write_json(path, out, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Command line of ``python train_policy.py`` (kept here so the script itself stays a thin entry point)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from policy.config import DEFAULT_POLICY_CONFIG
+
+DESCRIPTION = """Train a PPO controller that picks (tokens, depth, width) per input for a frozen AdaPerceiver
+backbone, then report what it buys on the test split. Defaults come from configs/policy.yaml; every option below
+overrides it. Writes policy.zip, policy.json, config.yaml, eval.json, timing.json and progress.csv to the run
+folder."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train_policy.py", description=DESCRIPTION)
+    p.add_argument(
+        "--flops-penalty",
+        type=float,
+        metavar="P",
+        help="reward = correct - P * FLOPs(setting) / FLOPs(full); larger P buys more savings (default 0.3)",
+    )
+    p.add_argument(
+        "--config",
+        default=str(DEFAULT_POLICY_CONFIG),
+        help="YAML file with PolicyConfig defaults (default: %(default)s)",
+    )
+    p.add_argument("--backbone", help="backbone .safetensors (default: checkpoints/adaperceiver_fmnist.safetensors)")
+    p.add_argument(
+        "--data-dir",
+        help="Fashion-MNIST folder (default: $ADAPERCEIVER_DATA_DIR or /usr/share/datasets/"
+        "fashion-mnist, from `apt-get install dataset-fashion-mnist`)",
+    )
+    p.add_argument("--timesteps", type=int, help="PPO environment steps, one image each (default 300000)")
+    p.add_argument("--n-envs", type=int, help="parallel environment copies (default 8)")
+    p.add_argument("--seed", type=int, help="seed of PPO, environments and torch (default 0)")
+    p.add_argument(
+        "--reward",
+        choices=["correct", "neg_ce"],
+        help="accuracy term of the reward: 0/1 correctness or minus the cross-entropy (default correct)",
+    )
+    p.add_argument("--observation", help="observation spec: pooled_probe (default), pooled or probe")
+    p.add_argument("--out", help="run folder (default: runs/fmnist__p<penalty>__s<seed>__<time>)")
+    p.add_argument(
+        "--wandb",
+        choices=["disabled", "offline", "online"],
+        help="Weights & Biases logging; offline works without network (default disabled)",
+    )
+    p.add_argument(
+        "--resume", metavar="RUN", help="run folder (or its policy.zip) to continue training until --timesteps in total"
+    )
+    p.add_argument("--device", help="torch device of the controller (default cpu; the MLP is tiny)")
+    p.add_argument("--train-limit", type=int, help="train on the first N policy-train images only (smoke tests)")
+    p.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only (smoke tests)")
+    p.add_argument(
+        "--cache-dir", help="outcome-table cache (default $ADAPERCEIVER_CACHE_DIR or ~/.cache/adaperceiver-rl/tables)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from backbone.data import DataError
+    from policy.config import build_policy_config
+    from policy.evaluation import format_report
+    from policy.training import train_controller
+
+    try:
+        cfg = build_policy_config(
+            args.config,
+            flops_penalty=args.flops_penalty,
+            backbone=args.backbone,
+            data_dir=args.data_dir,
+            timesteps=args.timesteps,
+            n_envs=args.n_envs,
+            seed=args.seed,
+            reward=args.reward,
+            observation=args.observation,
+            out=args.out,
+            wandb=args.wandb,
+            device=args.device,
+            train_limit=args.train_limit,
+            eval_limit=args.eval_limit,
+            cache_dir=args.cache_dir,
+        )
+        out, metrics = train_controller(cfg, resume=args.resume, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(metrics))
+    print(f"run folder: {out}")
+    return 0

@@ -1,0 +1,78 @@
+"""Options of a controller run: dataclass defaults <- ``configs/policy.yaml`` <- command line."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backbone.settings_io import build_dataclass, load_yaml, merge
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_POLICY_CONFIG = REPO_ROOT / "configs" / "policy.yaml"
+REWARDS = ("correct", "neg_ce")
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+@dataclass
+class PolicyConfig:
+    """Everything that decides a controller run; saved as ``config.yaml`` in the run folder."""
+
+    flops_penalty: float = 0.3  # reward = correct - penalty * FLOPs(setting) / FLOPs(full)
+    backbone: str | None = None  # backbone .safetensors (None = the shipped checkpoint)
+    data_dir: str | None = None  # Fashion-MNIST folder (None = $ADAPERCEIVER_DATA_DIR or Debian's path)
+    train_split: str = "policy-train"  # split the controller learns on (held out from the backbone)
+    eval_split: str = "test"  # split of the final report
+    train_limit: int = 0  # use the first n training images only (0 = all); for smoke tests
+    eval_limit: int = 0  # evaluate on the first n images only (0 = all)
+    timesteps: int = 300_000  # PPO environment steps (= episodes = images seen)
+    n_envs: int = 8  # parallel environment copies
+    vec_env: str = "dummy"  # dummy | subproc
+    seed: int = 0  # seeds PPO, the environments and torch
+    reward: str = "correct"  # correct | neg_ce
+    observation: str = "pooled_probe"  # observation spec (envs.OBSERVATIONS)
+    learning_rate: float = 3e-4  # PPO Adam step size
+    n_steps: int = 256  # rollout length per env
+    batch_size: int = 256  # PPO minibatch
+    n_epochs: int = 10  # PPO epochs per rollout
+    gamma: float = 1.0  # no future after the single step
+    gae_lambda: float = 1.0  # advantage = reward - V(obs)
+    clip_range: float = 0.2  # PPO ratio clip
+    ent_coef: float = 0.01  # entropy bonus
+    vf_coef: float = 0.5  # value-loss weight
+    max_grad_norm: float = 0.5  # gradient clip
+    net_arch: list[int] = field(default_factory=lambda: [64, 64])  # hidden sizes of the policy and value MLPs
+    checkpoint_every: int = 50_000  # timesteps between atomic policy checkpoints
+    out: str | None = None  # run folder (None = runs/<name>)
+    wandb: str = "disabled"  # disabled | offline | online
+    wandb_project: str = "adaperceiver-rl"
+    device: str = "cpu"  # torch device of the controller (the MLP is tiny: cpu is fastest)
+    cache_dir: str | None = None  # outcome-table cache (None = $ADAPERCEIVER_CACHE_DIR or ~/.cache/...)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.flops_penalty, (int, float)) or not math.isfinite(self.flops_penalty):
+            raise ValueError(f"--flops-penalty must be a finite number, got {self.flops_penalty!r}")
+        if self.flops_penalty < 0:
+            raise ValueError(f"--flops-penalty must be >= 0, got {self.flops_penalty}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"--reward must be one of {list(REWARDS)}, got {self.reward!r}")
+        if self.wandb not in WANDB_MODES:
+            raise ValueError(f"--wandb must be one of {list(WANDB_MODES)}, got {self.wandb!r}")
+        if self.vec_env not in ("dummy", "subproc"):
+            raise ValueError(f"vec_env must be 'dummy' or 'subproc', got {self.vec_env!r}")
+        for name in ("timesteps", "n_envs", "n_steps", "batch_size", "n_epochs"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def run_name(self) -> str:
+        """cleanrl-style ``{task}__p{penalty}__s{seed}__{time}``."""
+        return f"fmnist__p{self.flops_penalty:g}__s{self.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def build_policy_config(config_path: str | Path | None = DEFAULT_POLICY_CONFIG, **overrides: Any) -> PolicyConfig:
+    """Defaults, then the YAML file, then the non-None ``overrides`` (command-line options)."""
+    values = load_yaml(config_path) if config_path else {}
+    values = merge(values, {k: v for k, v in overrides.items() if v is not None})
+    return build_dataclass(PolicyConfig, values, source=str(config_path or "options"))

@@ -1,0 +1,91 @@
+"""Score a deterministic controller on an outcome table and compare it with the fixed settings."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+from scipy.stats import binomtest
+
+from backbone.pareto import front_accuracy_at
+
+
+def setting_label(grid: dict[str, Any], action: tuple[int, int, int]) -> str:
+    k, d, m = action
+    return f"{grid['token_granularities'][k]}/{d + 1}/{grid['widths'][m]}"
+
+
+def evaluate_actions(table, actions: np.ndarray, controller_flops: int) -> dict[str, Any]:
+    """Metrics of choosing ``actions[i]`` (token, depth, width indices) for sample ``i`` of ``table``.
+
+    ``mean_flops`` includes the controller's overhead (observation features + actor network); the best fixed
+    setting is the most accurate one whose FLOPs are <= that mean (the fixed setting pays no overhead).
+    """
+    actions = np.asarray(actions, dtype=np.int64)
+    n = len(table.labels)
+    if actions.shape != (n, 3):
+        raise ValueError(f"expected actions of shape ({n}, 3), got {actions.shape}")
+    k, d, m = actions.T
+    correct = table.correct[np.arange(n), k, d, m]
+    backbone_flops = table.flops[k, d, m].astype(np.float64)
+    mean_flops = float(backbone_flops.mean() + controller_flops)
+    fixed_acc = table.correct.mean(0)  # (K, L, M)
+    full = tuple(s - 1 for s in table.flops.shape)
+    full_acc, full_flops = float(fixed_acc[full]), int(table.flops[full])
+    best_fixed = front_accuracy_at(table.flops.ravel(), fixed_acc.ravel(), mean_flops)
+    best_idx = _best_fixed_index(table.flops, fixed_acc, mean_flops)
+    counts = Counter(setting_label(table.grid, tuple(a)) for a in actions.tolist())
+    accuracy = float(correct.mean())
+    return {
+        "samples": n,
+        "accuracy": accuracy,
+        "mean_flops": mean_flops,
+        "backbone_mean_flops": float(backbone_flops.mean()),
+        "controller_flops": int(controller_flops),
+        "full_accuracy": full_acc,
+        "full_flops": full_flops,
+        "flops_saving": 1.0 - mean_flops / full_flops,
+        "best_fixed_accuracy_at_same_flops": best_fixed,
+        "best_fixed_setting_at_same_flops": None if best_idx is None else setting_label(table.grid, best_idx),
+        "vs_best_fixed_p_value": _mcnemar(correct, table.correct[(slice(None), *best_idx)]) if best_idx else None,
+        "distinct_settings": len(counts),
+        "setting_counts": dict(counts.most_common()),
+    }
+
+
+def _best_fixed_index(flops: np.ndarray, acc: np.ndarray, budget: float) -> tuple[int, int, int] | None:
+    ok = flops <= budget
+    if not ok.any():
+        return None
+    masked = np.where(ok, acc, -1.0)
+    return tuple(int(i) for i in np.unravel_index(int(masked.argmax()), acc.shape))
+
+
+def _mcnemar(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact two-sided McNemar p-value of paired correctness vectors (is the accuracy difference real?)."""
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    return 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def format_report(metrics: dict[str, Any], top: int = 5) -> str:
+    """The short table printed at the end of ``train_policy.py``."""
+    m = metrics
+    lines = [
+        f"controller on {m.get('split', 'eval')} ({m['samples']} images)",
+        f"  controller accuracy          {m['accuracy']:.2%}",
+        f"  mean MFLOPs / image          {m['mean_flops'] / 1e6:.2f}  (backbone {m['backbone_mean_flops'] / 1e6:.2f}"
+        f" + controller {m['controller_flops'] / 1e6:.3f})",
+        f"  saving vs full setting       {m['flops_saving']:.1%}",
+        f"  full setting                 {m['full_accuracy']:.2%} at {m['full_flops'] / 1e6:.2f} MFLOPs",
+        f"  best fixed at <= same FLOPs  {m['best_fixed_accuracy_at_same_flops']:.2%}"
+        f"  ({m['best_fixed_setting_at_same_flops']}; McNemar p = {_fmt_p(m['vs_best_fixed_p_value'])})",
+        f"  settings used                {m['distinct_settings']}; top {top} (tokens/depth/width):",
+    ]
+    for label, count in list(m["setting_counts"].items())[:top]:
+        lines.append(f"    {label:>12}  {count / m['samples']:6.1%}")
+    return "\n".join(lines)
+
+
+def _fmt_p(p: float | None) -> str:
+    return "n/a" if p is None else f"{p:.3g}"

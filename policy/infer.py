@@ -1,0 +1,101 @@
+"""Classify image files with a trained controller + its backbone, each at the setting the controller picks.
+
+    python -m policy.infer --policy runs/RUN IMAGE_OR_FOLDER [...]
+
+Images (PNG/JPEG/BMP) are read with Pillow, converted to the backbone's channels (L or RGB), resized to its input
+size and scaled to [0, 1]. Fashion-MNIST images are light garments on a black background; other photos may need
+inverting (--invert) to look like the training data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from backbone.data import FASHION_MNIST_CLASSES, IMAGE_SUFFIXES
+from policy.adaptive import AdaptiveClassifier
+
+
+def collect_images(paths: list[str]) -> list[Path]:
+    """Files as given, folders expanded (sorted, recursively) to their image files."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {p}")
+    if not out:
+        raise ValueError(f"no image files found in {paths}")
+    return out
+
+
+def read_image(path: Path, channels: int, size: int, invert: bool = False) -> torch.Tensor:
+    """``(C, size, size)`` float tensor in [0, 1]; ValueError naming the file if Pillow cannot read it."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    arr = 1.0 - arr if invert else arr
+    return torch.from_numpy(arr.reshape(size, size, channels).transpose(2, 0, 1).copy())
+
+
+def class_names(backbone) -> list[str]:
+    names = getattr(backbone, "checkpoint_info", {}).get("classes")
+    if names:
+        return list(names)
+    if backbone.cfg.num_classes == 10 and backbone.cfg.in_chans == 1:
+        return list(FASHION_MNIST_CLASSES)
+    return [str(i) for i in range(backbone.cfg.num_classes)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m policy.infer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policy", required=True, help="run folder written by train_policy.py (or its policy.json)")
+    parser.add_argument("images", nargs="+", help="image files and/or folders of images")
+    parser.add_argument("--backbone", help="backbone file (default: the one recorded in policy.json)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per adaptive batch (default 256)")
+    parser.add_argument("--invert", action="store_true", help="invert gray levels (dark garment on light background)")
+    parser.add_argument("--json", help="also write the per-image results to this JSON file")
+    args = parser.parse_args(argv)
+    try:
+        clf = AdaptiveClassifier.load(args.policy, backbone=args.backbone)
+        c = clf.backbone.cfg
+        files = collect_images(args.images)
+        images = [read_image(f, c.in_chans, c.img_size, args.invert) for f in files]
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    names = class_names(clf.backbone)
+    rows = []
+    for s in range(0, len(images), args.batch_size):
+        pred = clf.predict(images[s : s + args.batch_size])
+        for f, label, setting, flops in zip(files[s:], pred.labels.tolist(), pred.settings, pred.flops, strict=False):
+            rows.append(
+                {"file": str(f), "label": label, "class": names[label], "setting": list(setting), "flops": int(flops)}
+            )
+    for r in rows:
+        g, d, w = r["setting"]
+        print(f"{r['file']}\t{r['label']} {r['class']}\ttokens={g} depth={d} width={w}\t{r['flops'] / 1e6:.2f} MFLOPs")
+    full = int(clf.flops_grid[-1, -1, -1])
+    mean = float(np.mean([r["flops"] for r in rows]))
+    print(
+        f"{len(rows)} images: mean {mean / 1e6:.2f} MFLOPs/image (controller {clf.controller_flops / 1e6:.3f}) vs "
+        f"{full / 1e6:.2f} for the full setting ({1 - mean / full:.1%} saved)"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

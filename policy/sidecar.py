@@ -1,0 +1,71 @@
+"""``policy.json``: what a controller was trained for, so it is never used with anything else.
+
+The controller's actions index a settings grid, and its observations come from one backbone; loading it with a
+backbone of another sha256, or another grid or observation spec, would silently choose wrong settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from backbone.checkpoint import write_json
+
+SIDECAR = "policy.json"
+POLICY_ZIP = "policy.zip"
+
+
+def grid_of(model) -> dict[str, Any]:
+    c = model.cfg
+    return {"token_granularities": list(c.token_granularities), "depth": c.depth, "widths": list(c.widths)}
+
+
+def versions() -> dict[str, str]:
+    import gymnasium
+    import stable_baselines3
+    import timm
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "stable_baselines3": stable_baselines3.__version__,
+        "gymnasium": gymnasium.__version__,
+    }
+
+
+def write_sidecar(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    write_json(path, dict(sorted(data.items())))
+
+
+def resolve_run(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """Run folder or ``policy.json`` or ``policy.zip`` -> (path of policy.zip, sidecar dict)."""
+    path = Path(path)
+    run_dir = path if path.is_dir() else path.parent
+    sidecar, zip_path = run_dir / SIDECAR, run_dir / POLICY_ZIP
+    if not sidecar.is_file():
+        raise FileNotFoundError(f"no {SIDECAR} in {run_dir} (expected a run folder written by train_policy.py)")
+    if not zip_path.is_file():
+        raise FileNotFoundError(f"no {POLICY_ZIP} in {run_dir} (expected a run folder written by train_policy.py)")
+    try:
+        data = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{sidecar} is not valid JSON: {e}") from None
+    return zip_path, data
+
+
+def check_compatible(sidecar: dict[str, Any], backbone_sha256: str, grid: dict[str, Any], observation: str) -> None:
+    """Raise ValueError with a one-line reason if the controller does not belong to this backbone/grid/spec."""
+    if sidecar.get("backbone_sha256") != backbone_sha256:
+        raise ValueError(
+            f"controller was trained for backbone sha256 {str(sidecar.get('backbone_sha256'))[:12]}..., "
+            f"not {backbone_sha256[:12]}... ({sidecar.get('backbone_path')}); use the backbone it was trained with"
+        )
+    if sidecar.get("grid") != grid:
+        raise ValueError(f"controller settings grid {sidecar.get('grid')} differs from the backbone's {grid}")
+    if sidecar.get("observation") != observation:
+        raise ValueError(f"controller observation spec {sidecar.get('observation')!r} differs from {observation!r}")

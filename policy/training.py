@@ -1,0 +1,200 @@
+"""Train a PPO controller on the frozen backbone's environment, then score it on the test split.
+
+The logic behind ``python train_policy.py``: outcome tables (cached per backbone hash) make every environment
+step a lookup, so a run of a few hundred thousand one-step episodes takes minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import CSVOutputFormat, KVWriter, Logger
+
+from backbone.checkpoint import DEFAULT_BACKBONE, CheckpointError, load_backbone, write_json
+from backbone.data import load_split
+from backbone.settings_io import dump_yaml
+from envs import OutcomeTable, load_or_build, make_vec_env
+from policy.config import PolicyConfig
+from policy.controller import actor_flops, choose_actions, load_ppo, save_ppo_atomic
+from policy.evaluation import evaluate_actions
+from policy.sidecar import POLICY_ZIP, SIDECAR, check_compatible, grid_of, resolve_run, versions, write_sidecar
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_backbone_for(path: str | None):
+    """The backbone a run uses, with an error that says how to get the default one."""
+    path = Path(path) if path else DEFAULT_BACKBONE
+    if not path.is_file():
+        hint = "" if path != DEFAULT_BACKBONE else " (train it with `python -m backbone.train` or pass --backbone)"
+        raise FileNotFoundError(f"backbone checkpoint not found: {path}{hint}")
+    return load_backbone(path)
+
+
+def outcome_table(model, cfg: PolicyConfig, split: str, limit: int, progress: bool = True) -> OutcomeTable:
+    """Cached outcome table of ``split`` (first ``limit`` images when limit > 0)."""
+    dataset = load_split(split, cfg.data_dir)
+    if limit:
+        dataset = dataset.subset(limit)
+    return load_or_build(
+        model,
+        split,
+        data_dir=cfg.data_dir,
+        observation=cfg.observation,
+        cache_dir=cfg.cache_dir,
+        dataset=dataset,
+        progress=progress,
+    )
+
+
+class _WandbWriter(KVWriter):
+    """Forwards stable-baselines3's logger records (``rollout/``, ``train/``, ``time/``) to a wandb run."""
+
+    def __init__(self, run) -> None:
+        self.run = run
+
+    def write(self, key_values: dict[str, Any], key_excluded: dict[str, Any], step: int = 0) -> None:
+        self.run.log({k: v for k, v in key_values.items() if isinstance(v, (int, float, np.number))}, step=step)
+
+    def close(self) -> None:
+        pass
+
+
+class _AtomicCheckpoint(BaseCallback):
+    """Every ``every`` timesteps write ``policy.zip`` + ``policy.json`` atomically (resumable with --resume)."""
+
+    def __init__(self, every: int, save) -> None:
+        super().__init__()
+        self.every, self.save, self.last = every, save, 0
+
+    def _on_step(self) -> bool:
+        if self.every > 0 and self.num_timesteps - self.last >= self.every:
+            self.last = self.num_timesteps
+            self.save(self.model)
+        return True
+
+
+def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: bool = True) -> tuple[Path, dict]:
+    """Train (or resume) a controller; write the run folder; return (run folder, eval metrics)."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    model = load_backbone_for(cfg.backbone)
+    train_table = outcome_table(model, cfg, cfg.train_split, cfg.train_limit, progress)
+    eval_table = outcome_table(model, cfg, cfg.eval_split, cfg.eval_limit, progress)
+    t_tables = time.perf_counter() - t0
+    torch.set_num_threads(1)  # the controller MLP is tiny: one thread is fastest and keeps runs reproducible
+
+    out = Path(cfg.out) if cfg.out else REPO_ROOT / "runs" / cfg.run_name()
+    out.mkdir(parents=True, exist_ok=True)
+    vec = make_vec_env(
+        n_envs=cfg.n_envs,
+        seed=cfg.seed,
+        vec_env=cfg.vec_env,
+        backbone=model,
+        split=cfg.train_split,
+        flops_penalty=cfg.flops_penalty,
+        reward=cfg.reward,
+        observation=cfg.observation,
+        table=train_table,
+    )
+    grid = grid_of(model)
+    if resume:
+        zip_path, sidecar = resolve_run(resume)
+        check_compatible(sidecar, model.checkpoint_sha256, grid, cfg.observation)
+        ppo = load_ppo(zip_path, env=vec, device=cfg.device)
+    else:
+        ppo = PPO(
+            "MlpPolicy",
+            vec,
+            learning_rate=cfg.learning_rate,
+            n_steps=cfg.n_steps,
+            batch_size=cfg.batch_size,
+            n_epochs=cfg.n_epochs,
+            gamma=cfg.gamma,
+            gae_lambda=cfg.gae_lambda,
+            clip_range=cfg.clip_range,
+            ent_coef=cfg.ent_coef,
+            vf_coef=cfg.vf_coef,
+            max_grad_norm=cfg.max_grad_norm,
+            seed=cfg.seed,
+            policy_kwargs={"net_arch": {"pi": list(cfg.net_arch), "vf": list(cfg.net_arch)}},
+            device=cfg.device,
+        )
+    controller_flops = int(train_table.obs_flops) + actor_flops(ppo.policy)
+    sidecar_base = {
+        "backbone_path": str(model.checkpoint_path),
+        "backbone_sha256": model.checkpoint_sha256,
+        "grid": grid,
+        "observation": cfg.observation,
+        "obs_dim": int(train_table.obs.shape[1]),
+        "obs_flops": int(train_table.obs_flops),
+        "actor_flops": actor_flops(ppo.policy),
+        "controller_flops": controller_flops,
+        "flops_penalty": cfg.flops_penalty,
+        "reward": cfg.reward,
+        "seed": cfg.seed,
+        "train_split": cfg.train_split,
+        "versions": versions(),
+    }
+
+    def save(ppo_model: PPO) -> None:
+        save_ppo_atomic(ppo_model, out / POLICY_ZIP)
+        write_sidecar(out / SIDECAR, {**sidecar_base, "timesteps": int(ppo_model.num_timesteps)})
+
+    run = _init_wandb(cfg, out)
+    writers = [CSVOutputFormat(str(out / "progress.csv"))] + ([_WandbWriter(run)] if run else [])
+    ppo.set_logger(Logger(str(out), writers))
+    dump_yaml(cfg, out / "config.yaml")
+    remaining = cfg.timesteps - ppo.num_timesteps
+    t1 = time.perf_counter()
+    if remaining > 0:
+        ppo.learn(
+            remaining,
+            callback=_AtomicCheckpoint(cfg.checkpoint_every, save),
+            progress_bar=progress,
+            reset_num_timesteps=not resume,
+        )
+    t_ppo = time.perf_counter() - t1
+    save(ppo)
+    vec.close()
+
+    metrics = evaluate_actions(eval_table, choose_actions(ppo.policy, eval_table.obs), controller_flops)
+    metrics = {
+        "split": cfg.eval_split,
+        "flops_penalty": cfg.flops_penalty,
+        "seed": cfg.seed,
+        "timesteps": int(ppo.num_timesteps),
+        **metrics,
+    }
+    write_json(out / "eval.json", metrics)
+    write_json(
+        out / "timing.json",
+        {"tables_s": round(t_tables, 1), "ppo_s": round(t_ppo, 1), "total_s": round(time.perf_counter() - t0, 1)},
+    )
+    if run is not None:
+        run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        run.finish()
+    return out, metrics
+
+
+def _init_wandb(cfg: PolicyConfig, out: Path):
+    if cfg.wandb == "disabled":
+        return None
+    import wandb
+
+    return wandb.init(
+        project=cfg.wandb_project, mode=cfg.wandb, config=dataclasses.asdict(cfg), dir=str(out), name=out.name
+    )
+
+
+__all__ = ["CheckpointError", "load_backbone_for", "outcome_table", "train_controller"]

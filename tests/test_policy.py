@@ -1,0 +1,238 @@
+"""Controller training, compute-saving inference, ablation and benchmark, end to end on the tiny test backbone.
+
+A session-scoped tiny run (adaperceiver_test backbone with perturbed weights, 300 policy-train / 200 test images,
+a few hundred PPO steps) is shared by most tests; everything writes under pytest's tmp folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from backbone import create_model, load_backbone, save_backbone
+from backbone.data import load_split
+from policy import AdaptiveClassifier, build_policy_config, train_controller
+
+REPO = Path(__file__).resolve().parent.parent
+EVAL_KEYS = {"accuracy", "mean_flops", "controller_flops", "full_accuracy", "full_flops", "flops_saving",
+             "best_fixed_accuracy_at_same_flops", "setting_counts"}  # fmt: skip
+SMALL_PPO = {"n_envs": 2, "n_steps": 64, "batch_size": 64, "n_epochs": 2, "timesteps": 256, "net_arch": [16, 16]}
+
+
+def _tiny_backbone(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = create_model("adaperceiver_test", ls_init_values=1.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_backbone(model, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("policy")
+    config = root / "policy.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "configs/policy.yaml").read_text()), **SMALL_PPO}))
+    return {
+        "root": root,
+        "config": config,
+        "backbone": _tiny_backbone(root / "tiny.safetensors", seed=0),
+        "other_backbone": _tiny_backbone(root / "other.safetensors", seed=1),
+        "cache": root / "cache",
+    }
+
+
+def _cfg(work, out: Path, **kw):
+    return build_policy_config(
+        work["config"], backbone=str(work["backbone"]), out=str(out), cache_dir=str(work["cache"]),
+        train_limit=300, eval_limit=200, **kw,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def run(work) -> Path:
+    out, _ = train_controller(_cfg(work, work["root"] / "run"), progress=False)
+    return out
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+# --- train_policy.py -----------------------------------------------------------------------------------------------
+
+
+def test_run_writes_every_file_with_documented_keys(run: Path) -> None:
+    for name in ("policy.zip", "policy.json", "config.yaml", "eval.json", "progress.csv"):
+        assert (run / name).is_file(), name
+    ev = json.loads((run / "eval.json").read_text())
+    assert set(ev) >= EVAL_KEYS
+    assert ev["samples"] == 200 and 0.0 <= ev["accuracy"] <= 1.0
+    assert sum(ev["setting_counts"].values()) == 200
+    side = json.loads((run / "policy.json").read_text())
+    assert side["backbone_sha256"] == load_backbone(side["backbone_path"]).checkpoint_sha256
+    assert side["grid"] == {"token_granularities": [2, 4, 8], "depth": 3, "widths": [8, 16, 32]}
+    assert side["controller_flops"] == side["obs_flops"] + side["actor_flops"] == ev["controller_flops"]
+    assert side["timesteps"] >= 256 and side["flops_penalty"] == 0.3 and side["seed"] == 0
+    # FLOPs are consistent: the mean lies between the cheapest and the full setting (+ overhead)
+    model = load_backbone(side["backbone_path"])
+    cheapest = min(model.flops(*s) for s in model.settings())
+    assert cheapest + ev["controller_flops"] <= ev["mean_flops"] <= ev["full_flops"] + ev["controller_flops"]
+    assert ev["flops_saving"] == pytest.approx(1 - ev["mean_flops"] / ev["full_flops"])
+    assert yaml.safe_load((run / "config.yaml").read_text())["flops_penalty"] == 0.3
+
+
+def test_same_seed_reproduces_eval_json(work, run: Path) -> None:
+    again, _ = train_controller(_cfg(work, work["root"] / "again"), progress=False)
+    assert (again / "eval.json").read_text() == (run / "eval.json").read_text()
+
+
+def test_resume_continues_to_the_requested_timesteps(work, run: Path) -> None:
+    out = work["root"] / "resumed"
+    _, metrics = train_controller(_cfg(work, out, timesteps=512), resume=str(run), progress=False)
+    assert json.loads((out / "policy.json").read_text())["timesteps"] >= 512
+    assert metrics["timesteps"] >= 512
+
+
+def test_cli_end_to_end_prints_report(work) -> None:
+    out = work["root"] / "cli"
+    r = _cli("train_policy.py", "--flops-penalty", "0.1", "--config", str(work["config"]), "--backbone",
+             str(work["backbone"]), "--out", str(out), "--train-limit", "300", "--eval-limit", "200", "--cache-dir",
+             str(work["cache"]), "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["flops_penalty"] == 0.1
+    assert f"{ev['accuracy']:.2%}" in r.stdout and "best fixed at <= same FLOPs" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--flops-penalty", "-0.1"], "--flops-penalty must be >= 0"),
+        (["--flops-penalty", "nan"], "--flops-penalty must be a finite number"),
+        (["--backbone", "/nonexistent/b.safetensors"], "backbone checkpoint not found"),
+        (["--data-dir", "/nonexistent"], "dataset-fashion-mnist"),
+    ],
+)
+def test_cli_bad_input_exits_with_one_line(work, args: list[str], message: str) -> None:
+    base = ["train_policy.py", "--config", str(work["config"]), "--backbone", str(work["backbone"]), "--cache-dir",
+            str(work["root"] / "empty_cache"), "--out", str(work["root"] / "bad"), "--no-progress"]  # fmt: skip
+    r = _cli(*base, *args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_resume_from_another_backbone_is_refused(work, run: Path) -> None:
+    r = _cli("train_policy.py", "--config", str(work["config"]), "--backbone", str(work["other_backbone"]),
+             "--resume", str(run), "--out", str(work["root"] / "wrong"), "--cache-dir", str(work["cache"]),
+             "--train-limit", "300", "--eval-limit", "200", "--no-progress")  # fmt: skip
+    assert r.returncode != 0
+    assert "trained for backbone sha256" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# --- compute-saving inference --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return load_split("test").subset(64).as_float()
+
+
+def test_grouped_batch_equals_per_image(run: Path, images: torch.Tensor) -> None:
+    clf = AdaptiveClassifier.load(run)
+    pred = clf.predict(images)
+    assert len(set(pred.settings)) >= 1
+    for i in range(len(images)):
+        g, d, w = pred.settings[i]
+        alone = clf.backbone(images[i : i + 1], num_tokens=g, depth=d, width=w)
+        torch.testing.assert_close(pred.logits[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+        assert int(pred.labels[i]) == int(alone.argmax())
+        assert pred.flops[i] == clf.backbone.flops(g, d, w) + clf.controller_flops
+
+
+def test_predict_preserves_input_order(run: Path, images: torch.Tensor) -> None:
+    clf = AdaptiveClassifier.load(run)
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    a, b = clf.predict(images), clf.predict(images[perm])
+    torch.testing.assert_close(b.logits, a.logits[perm], atol=1e-5, rtol=1e-5)
+    assert [b.settings[i] for i in range(len(perm))] == [a.settings[int(j)] for j in perm]
+    # a list of images gives the same as a batch tensor
+    c = clf.predict(list(images))
+    assert c.labels.tolist() == a.labels.tolist()
+
+
+def test_mismatched_backbone_is_refused(work, run: Path) -> None:
+    with pytest.raises(ValueError, match="trained for backbone sha256"):
+        AdaptiveClassifier.load(run, backbone=work["other_backbone"])
+
+
+def test_infer_cli_on_png_files(run: Path, images: torch.Tensor, tmp_path) -> None:
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray((images[i, 0].numpy() * 255).astype(np.uint8)).save(folder / f"img{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    r = _cli("-m", "policy.infer", "--policy", str(run), str(folder / "img0.png"), str(folder / "img1.png"),
+             str(folder / "img2.png"), "--json", str(tmp_path / "out.json"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "out.json").read_text())
+    assert [Path(x["file"]).name for x in rows] == ["img0.png", "img1.png", "img2.png"]
+    clf = AdaptiveClassifier.load(run)
+    expected = clf.predict(torch.stack([images[i] for i in range(3)]))
+    # PNG quantisation to 8 bits is lossless for these uint8-origin images, so labels and settings must agree
+    assert [x["label"] for x in rows] == expected.labels.tolist()
+    assert [tuple(x["setting"]) for x in rows] == expected.settings
+    assert "3 images: mean" in r.stdout
+    bad = _cli("-m", "policy.infer", "--policy", str(run), str(folder / "broken.png"))
+    assert bad.returncode != 0 and "cannot read image" in bad.stderr
+
+
+# --- ablation and benchmark ----------------------------------------------------------------------------------------
+
+
+def test_ablation_end_to_end(work, run: Path, tmp_path) -> None:
+    out = tmp_path / "ablation"
+    r = _cli("-m", "policy.ablation", "--backbone", str(work["backbone"]), "--penalties", "0.3", "1.0", "--policies",
+             str(run), "--config", str(work["config"]), "--runs-dir", str(tmp_path / "runs"), "--out", str(out),
+             "--train-limit", "300", "--eval-limit", "200", "--cache-dir", str(work["cache"]))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads((out / "ablation.json").read_text())
+    assert len(result["fixed"]) == 27 and any(f["pareto"] for f in result["fixed"])
+    assert [c["flops_penalty"] for c in result["controllers"]] == [0.3, 1.0]
+    assert result["controllers"][0]["run"] == str(run)  # the given run is used, the missing one trained
+    assert (tmp_path / "runs" / "fmnist__p1__s0" / "policy.zip").is_file()
+    for c in result["controllers"]:
+        assert c["distinct_settings"] >= 1 and 0 <= c["accuracy"] <= 1
+    o = result["oracle"]
+    full = max(result["fixed"], key=lambda f: f["flops"])
+    assert o["accuracy"] >= full["accuracy"] and o["mean_flops"] <= full["flops"]
+    assert all(len(v) > 3 for v in result["early_exit"].values())
+    md = (out / "ablation.md").read_text()
+    assert "## Controllers" in md and "Oracle" in md and "early exit" in md
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_end_to_end(run: Path, tmp_path) -> None:
+    path = tmp_path / "bench.json"
+    r = _cli("-m", "policy.benchmark", "--policy", str(run), "--limit", "64", "--limit-batch1", "8", "--repeats", "1",
+             "--json", str(path))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(path.read_text())
+    assert [row["batch_size"] for row in result["rows"]] == [256, 1]
+    for row in result["rows"]:
+        assert row["full_img_s"] > 0 and row["adaptive_img_s"] > 0
+        assert row["flops_ratio"] == pytest.approx(result["full_flops"] / row["adaptive_mean_flops"])
+    assert [row["images"] for row in result["rows"]] == [64, 8]
+    assert "speedup / FLOPs ratio" in r.stdout

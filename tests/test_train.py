@@ -1,0 +1,248 @@
+"""Tests for backbone.train: the joint loss learns, a run writes its outputs, runs are deterministic and resumable,
+the augmentation only moves pixels, and the command line behaves.
+
+All runs use the tiny ``adaperceiver_test`` size on 512 synthetic images (8 steps of 64 per epoch, one thread).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import yaml
+from timm.optim import create_optimizer_v2
+
+import backbone.train as train_mod
+from backbone import AdaPerceiver, create_model, file_sha256, load_backbone
+from backbone.data import ImageDataset
+from backbone.train import TrainConfig, joint_loss, random_shift_flip, train
+
+REPO = Path(__file__).resolve().parents[1]
+N_IMAGES, BATCH = 512, 64
+STEPS_PER_EPOCH = N_IMAGES // BATCH
+
+
+@pytest.fixture(scope="module")
+def data() -> ImageDataset:
+    """Random uint8 images whose class is readable from a bright square's position (so there is a signal)."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (N_IMAGES,), generator=g)
+    images = torch.randint(0, 60, (N_IMAGES, 1, 28, 28), generator=g, dtype=torch.uint8)
+    for i, y in enumerate(labels.tolist()):
+        r, c = divmod(y, 5)
+        images[i, 0, 4 + 10 * r : 10 + 10 * r, 2 + 5 * c : 6 + 5 * c] = 255
+    return ImageDataset(images, labels, [str(i) for i in range(10)], "synthetic")
+
+
+def _config(out: Path, **overrides) -> TrainConfig:
+    values = dict(model="adaperceiver_test", epochs=1, batch_size=BATCH, num_threads=1, monitor_samples=0,
+                  checkpoint_every=1000, out=str(out))  # fmt: skip
+    return TrainConfig(**{**values, **overrides})
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(run / "backbone.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), f"{key} differs between {a.name} and {b.name}"
+
+
+# --- the objective -------------------------------------------------------------------------------------------------
+
+
+def test_optimizer_steps_lower_joint_loss_on_a_fixed_batch(data: ImageDataset) -> None:
+    torch.manual_seed(0)
+    model = create_model("adaperceiver_test").train()
+    optimizer = create_optimizer_v2(model, "adamw", lr=2e-3, weight_decay=0.05)
+    x, y = data.as_float()[:BATCH], data.labels[:BATCH]
+    widths = torch.tensor(model.cfg.widths).repeat(BATCH)[:BATCH]  # every width in the batch
+
+    def loss_now() -> float:
+        with torch.no_grad():
+            return joint_loss(model.forward_all(x, width=widths), y).item()
+
+    before = loss_now()
+    for _ in range(5):
+        loss = joint_loss(model.forward_all(x, width=widths), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    after = loss_now()
+    assert after < before - 0.05, f"joint loss {before:.4f} -> {after:.4f}"
+
+
+# --- a run and its outputs -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory, data: ImageDataset) -> tuple[Path, dict, Path]:
+    """A 2-epoch run; a copy of its train_state.pt at the end of epoch 1 stands in for an interrupted run."""
+    root = tmp_path_factory.mktemp("runs")
+    run, mid = root / "two_epochs", root / "interrupted_train_state.pt"
+    original = train_mod._save_state
+
+    def save_and_keep_epoch_one(path, model, optimizer, cfg, step, elapsed):
+        original(path, model, optimizer, cfg, step, elapsed)
+        if step == STEPS_PER_EPOCH:
+            shutil.copy(path, mid)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "_save_state", save_and_keep_epoch_one)
+        summary = train(_config(run, epochs=2), data=data)
+    assert mid.is_file()
+    return run, summary, mid
+
+
+def test_train_writes_its_outputs(two_epoch_run) -> None:
+    run, summary, _ = two_epoch_run
+    for name in ("config.yaml", "train_state.pt", "log.jsonl", "backbone.safetensors"):
+        assert (run / name).is_file(), name
+    assert summary["steps"] == 2 * STEPS_PER_EPOCH
+    assert summary["backbone"] == str(run / "backbone.safetensors")
+    assert summary["sha256"] == file_sha256(run / "backbone.safetensors")
+    assert summary["final_loss"] > 0
+
+    saved_cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved_cfg["model"] == "adaperceiver_test" and saved_cfg["epochs"] == 2 and saved_cfg["out"] == str(run)
+
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log and log[-1]["step"] == 2 * STEPS_PER_EPOCH
+    assert all(torch.isfinite(torch.tensor(r["losses/joint"])) for r in log)
+
+    state = torch.load(run / "train_state.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 2 * STEPS_PER_EPOCH
+
+    model = load_backbone(run / "backbone.safetensors")
+    assert isinstance(model, AdaPerceiver) and model.cfg.name == "adaperceiver_test"
+    assert model.checkpoint_info["steps"] == 2 * STEPS_PER_EPOCH
+    assert model.checkpoint_info["train_config"]["model"] == "adaperceiver_test"
+    for key, value in state["model"].items():  # the final train state and the backbone hold the same weights
+        assert torch.equal(model.state_dict()[key], value), key
+    with torch.no_grad():
+        logits = model.forward_all(torch.rand(2, 1, 28, 28))
+    assert logits.shape == (2, 3, 3, 10) and torch.isfinite(logits).all()
+
+
+def test_training_changes_the_weights(two_epoch_run) -> None:
+    run, _, _ = two_epoch_run
+    torch.manual_seed(0)  # train() builds its model right after seeding with cfg.seed = 0
+    init = create_model("adaperceiver_test").state_dict()
+    trained = _weights(run)
+    assert any(not torch.equal(init[k], trained[k]) for k in trained)
+
+
+# --- determinism and resume ----------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_weights_other_seed_other_weights(two_epoch_run, data: ImageDataset, tmp_path) -> None:
+    run, summary, _ = two_epoch_run
+    again = train(_config(tmp_path / "again", epochs=2), data=data)
+    _assert_same_weights(run, tmp_path / "again")
+    assert again["final_loss"] == summary["final_loss"]
+    train(_config(tmp_path / "seed1", epochs=2, seed=1), data=data)
+    w0, w1 = _weights(run), _weights(tmp_path / "seed1")
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0), "seed has no effect"
+
+
+def _count_steps(monkeypatch) -> list[int]:
+    """Count the training steps a run executes (train() calls joint_loss once per step)."""
+    calls: list[int] = []
+
+    def counting_loss(*args, **kwargs):
+        calls.append(1)
+        return joint_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "joint_loss", counting_loss)
+    return calls
+
+
+def test_resume_interrupted_run_is_exact(two_epoch_run, data: ImageDataset, tmp_path, monkeypatch) -> None:
+    run, _, mid = two_epoch_run
+    assert torch.load(mid, map_location="cpu", weights_only=False)["step"] == STEPS_PER_EPOCH
+    calls = _count_steps(monkeypatch)
+    summary = train(_config(tmp_path / "resumed", epochs=2), resume=str(mid), data=data)
+    assert len(calls) == STEPS_PER_EPOCH, "a resumed run must start at the saved step"
+    assert summary["steps"] == 2 * STEPS_PER_EPOCH
+    _assert_same_weights(run, tmp_path / "resumed")
+
+
+def test_resume_refuses_a_changed_schedule(data: ImageDataset, tmp_path) -> None:
+    """Extending a finished 1-epoch run to 2 epochs would follow another LR schedule than a 2-epoch run: refused."""
+    one = tmp_path / "one_epoch"
+    train(_config(one, epochs=1), data=data)
+    with pytest.raises(ValueError, match=r"different \['epochs'\]: \[1\]; resuming would follow another schedule"):
+        train(_config(tmp_path / "continued", epochs=2), resume=str(one / "train_state.pt"), data=data)
+
+
+def test_resume_refuses_other_model_config(two_epoch_run, data: ImageDataset, tmp_path) -> None:
+    _, _, mid = two_epoch_run
+    cfg = _config(tmp_path / "other", epochs=2, model_overrides={"depth": 2})
+    with pytest.raises(ValueError, match=r"different model config"):
+        train(cfg, resume=str(mid), data=data)
+    with pytest.raises(FileNotFoundError, match=r"--resume file not found"):
+        train(_config(tmp_path / "other"), resume=str(tmp_path / "missing.pt"), data=data)
+
+
+def test_batch_larger_than_data_is_refused(data: ImageDataset, tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"batch_size=1024 is larger than the 512 training images"):
+        train(_config(tmp_path / "big", batch_size=1024), data=data)
+
+
+# --- augmentation --------------------------------------------------------------------------------------------------
+
+
+def test_random_shift_flip_only_moves_pixels() -> None:
+    torch.manual_seed(0)
+    images = torch.zeros(32, 2, 12, 10, dtype=torch.uint8)
+    images[:, :, 2:-2, 2:-2] = torch.randint(1, 256, (32, 2, 8, 6), dtype=torch.uint8)  # 2-px empty border
+    out = random_shift_flip(images, max_shift=2)
+    assert out.shape == images.shape and out.dtype == images.dtype
+    # nothing falls off the edge, so every image keeps exactly its pixel values (per channel)
+    for a, b in zip(images, out, strict=True):
+        for ca, cb in zip(a, b, strict=True):
+            assert torch.equal(ca.flatten().sort().values, cb.flatten().sort().values)
+    # each output is one shift of its input by at most 2 px in each direction, maybe flipped left-right
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    changed = 0
+    for i in range(len(images)):
+        candidates = [padded[i, :, dy : dy + 12, dx : dx + 10] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(-1)) for c in candidates), i
+        changed += not torch.equal(out[i], images[i])
+    assert changed >= len(images) // 2, "the augmentation almost never changes an image"
+    # float images work the same way
+    out_f = random_shift_flip(images.float() / 255)
+    assert out_f.dtype == torch.float32 and out_f.shape == images.shape
+
+
+# --- command line --------------------------------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "backbone.train", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+def test_cli_help() -> None:
+    result = _cli("--help")
+    assert result.returncode == 0, result.stderr
+    assert "--resume" in result.stdout and "key=value" in result.stdout
+
+
+def test_cli_unknown_option_is_a_one_line_error() -> None:
+    result = _cli("nope=1")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:") and "nope" in lines[0] and "valid options" in lines[0]
