@@ -23,6 +23,7 @@ data:
 	fi
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-slow: install

@@ -19,6 +19,7 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from timm.layers import PatchEmbed, trunc_normal_
 from torch import nn
@@ -142,8 +143,8 @@ class AdaPerceiver(nn.Module):
         k, v = self.read.project_kv(tokens)
         return PatchMemory(tokens, k, v)
 
-    def _read(self, memory: PatchMemory, num_tokens: int) -> torch.Tensor:
-        """Latents ``(B, g, D)`` after reading the patches. The queries do not depend on the input."""
+    def read_latents(self, memory: PatchMemory, num_tokens: int) -> torch.Tensor:
+        """Latents ``(B, g, D)`` after reading the patches, before any block. The queries do not depend on the input."""
         latents = self.latent.expand(1, num_tokens, -1)
         q = self.read.project_q(latents, self.rope)
         b = memory.k.shape[0]
@@ -170,15 +171,52 @@ class AdaPerceiver(nn.Module):
         """Latents ``(B, g, D)`` after ``depth`` blocks at ``num_tokens`` latents and FFN ``width``."""
         g, d, w = self.resolve_setting(num_tokens, depth, width)
         memory = x if isinstance(x, PatchMemory) else self.embed(x)
-        hidden = self._hidden(w, memory.k.shape[0])
-        # with one granularity in play every latent sees all g others, so the mask can be skipped
-        mask = None if g == self.cfg.token_granularities[0] else self.attn_mask[:g, :g]
-        latents = self._read(memory, g)
-        for block in self.blocks[:d]:
+        return self.forward_blocks(self.read_latents(memory, g), 0, d, w)
+
+    def forward_blocks(self, latents: torch.Tensor, start: int, stop: int, width: Width = None) -> torch.Tensor:
+        """Run blocks ``start..stop-1`` (0-based) on latents ``(B, g, D)`` at FFN ``width``.
+
+        Lets a caller continue a run where another stopped (early exit, reusing the controller's probe):
+        ``forward_blocks(forward_blocks(z, 0, a), a, b) == forward_blocks(z, 0, b)``.
+        """
+        g, _, w = self.resolve_setting(latents.shape[1], None, width)
+        if not 0 <= start <= stop <= self.cfg.depth:
+            raise ValueError(f"need 0 <= start <= stop <= {self.cfg.depth}, got start={start}, stop={stop}")
+        hidden = self._hidden(w, latents.shape[0])
+        mask = self._latent_mask(g)
+        for block in self.blocks[start:stop]:
             latents = block(latents, self.rope, mask, hidden)
         return latents
 
+    def forward_block_mixed_widths(
+        self, latents: torch.Tensor, index: int, widths: Sequence[int] | np.ndarray
+    ) -> torch.Tensor:
+        """Block ``index`` (0-based) on latents ``(B, g, D)`` whose rows each have their own FFN width.
+
+        Unlike the masked per-sample width of training, each row really runs at its sliced width: the attention
+        half does not depend on the width, so it runs once for all rows, and the MLP half once per distinct
+        width on the rows that have it. Saves small calls when a batch mixes widths (adaptive inference).
+        """
+        widths = np.asarray(widths)
+        if widths.shape != (latents.shape[0],):
+            raise ValueError(f"need one width per row ({latents.shape[0]}), got shape {widths.shape}")
+        distinct = [self.resolve_setting(latents.shape[1], None, int(w))[2] for w in np.unique(widths)]
+        block = self.blocks[index]
+        x = block.forward_attn(latents, self.rope, self._latent_mask(latents.shape[1]))
+        if len(distinct) == 1:
+            return block.forward_mlp(x, self.cfg.hidden_dim(distinct[0]))
+        out = torch.empty_like(x)
+        for width in distinct:
+            rows = torch.from_numpy(np.flatnonzero(widths == width))
+            out[rows] = block.forward_mlp(x[rows], self.cfg.hidden_dim(width))
+        return out
+
+    def _latent_mask(self, g: int) -> torch.Tensor | None:
+        """Block-causal mask over ``g`` latents; with one granularity in play every latent sees all g others."""
+        return None if g == self.cfg.token_granularities[0] else self.attn_mask[:g, :g]
+
     def forward_head(self, latents: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, classes)`` from latents ``(B, g, D)``: the write cross-attention, norm and linear head."""
         return self._write(latents)[:, 0]
 
     def forward(
@@ -201,7 +239,7 @@ class AdaPerceiver(nn.Module):
         _, _, w = self.resolve_setting(None, None, width)
         memory = x if isinstance(x, PatchMemory) else self.embed(x)
         hidden = self._hidden(w, memory.k.shape[0])
-        latents = self._read(memory, self.cfg.max_tokens)
+        latents = self.read_latents(memory, self.cfg.max_tokens)
         outs = []
         for block in self.blocks:
             latents = block(latents, self.rope, self.attn_mask, hidden)

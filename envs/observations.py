@@ -39,8 +39,20 @@ def _pooled(model: AdaPerceiver, memory: PatchMemory) -> torch.Tensor:
     return F.layer_norm(tokens.mean(1), (tokens.shape[-1],))
 
 
-def _probe(model: AdaPerceiver, memory: PatchMemory) -> torch.Tensor:
-    logits = model(memory, *probe_setting(model)).float()
+def run_probe(model: AdaPerceiver, memory: PatchMemory) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents ``(B, g0, D)`` after the probe's one block, and its logits ``(B, classes)``.
+
+    The latents are returned so that adaptive inference can continue from them when the controller picks a
+    setting with the probe's tokens and width (see :meth:`ObservationSpec.reused_flops`).
+    """
+    g, d, w = probe_setting(model)
+    latents = model.forward_blocks(model.read_latents(memory, g), 0, d, w)
+    return latents, model.forward_head(latents)
+
+
+def probe_stats(logits: torch.Tensor) -> torch.Tensor:
+    """Top-1 probability, top-1 minus top-2 probability and entropy (nats) of probe logits: ``(B, 3)``."""
+    logits = logits.float()
     logp = logits.log_softmax(-1)
     p = logp.exp()
     top2 = p.topk(2, dim=-1).values if p.shape[-1] > 1 else torch.cat([p, torch.zeros_like(p)], -1)
@@ -96,21 +108,41 @@ class ObservationSpec:
         return np.concatenate([pooled, probe]).astype(np.float32)
 
     @torch.no_grad()
-    def compute(self, model: AdaPerceiver, memory: PatchMemory) -> torch.Tensor:
+    def compute(
+        self, model: AdaPerceiver, memory: PatchMemory, probe_logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Features ``(B, F)`` float32 of a batch, from the memory that :meth:`AdaPerceiver.embed` returned.
 
+        ``probe_logits`` (from :func:`run_probe`) saves running the probe again when the caller already did.
         The caller puts the model in eval mode (the probe runs the model).
         """
         parts = []
         if self.pooled:
             parts.append(_pooled(model, memory).float())
         if self.probe:
-            parts.append(_probe(model, memory))
+            parts.append(probe_stats(run_probe(model, memory)[1] if probe_logits is None else probe_logits))
         return torch.cat(parts, dim=-1)
 
     def flops(self, model: AdaPerceiver) -> int:
         """Controller-overhead FLOPs per image, excluding the shared ``embed`` + ``read_kv`` (paid by the setting)."""
         return _pooled_flops(model) * self.pooled + _probe_flops(model) * self.probe
+
+    def reused_flops(self, model: AdaPerceiver) -> np.ndarray:
+        """FLOPs ``(K, L, M)`` of each setting that the probe has already done, so need not be done again.
+
+        A setting with the probe's tokens and width continues from the probe's latents after block 1 (its read
+        and first block are the probe's); at depth 1 it *is* the probe and takes the probe's logits as well.
+        Adaptive inference really skips this work, and :func:`policy.evaluation.evaluate_actions` subtracts it,
+        so reported FLOPs are what actually runs. Zero everywhere for specs without the probe.
+        """
+        cfg = model.cfg
+        reused = np.zeros((len(cfg.token_granularities), cfg.depth, len(cfg.widths)), np.int64)
+        if self.probe:
+            g, d, w = probe_setting(model)
+            parts = flops_breakdown(cfg, g, d, w)
+            reused[0, :, 0] = parts["read"] + parts["blocks"]
+            reused[0, 0, 0] += parts["write"] + parts["head"]
+        return reused
 
 
 OBSERVATIONS: dict[str, ObservationSpec] = {

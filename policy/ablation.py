@@ -21,6 +21,7 @@ from backbone.checkpoint import atomic_write, write_json
 from backbone.data import DataError
 from backbone.flops import flops_breakdown
 from backbone.pareto import front_accuracy_at, pareto_front
+from envs import get_observation
 from policy.baselines import early_exit, oracle, random_matched
 from policy.config import DEFAULT_POLICY_CONFIG, build_policy_config
 from policy.controller import choose_actions, load_ppo
@@ -95,7 +96,8 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
         zip_path, side = resolve_run(run)
         check_compatible(side, model.checkpoint_sha256, grid_of(model), table.observation)
         policy = load_ppo(zip_path).policy
-        m = evaluate_actions(table, choose_actions(policy, table.obs), side["controller_flops"])
+        reused = get_observation(side["observation"]).reused_flops(model)
+        m = evaluate_actions(table, choose_actions(policy, table.obs), side["controller_flops"], reused)
         front_acc = front_accuracy_at(flops.ravel(), acc.ravel(), m["mean_flops"])
         rand = random_matched(table.correct, flops, m["mean_flops"], seed=args.seed)
         controllers.append(

@@ -1,9 +1,12 @@
 """Compute-saving inference: each input runs at the setting its controller picked, for real.
 
 For a batch: embed once (stem + the read's patch keys/values, shared by every setting), compute the controller's
-observation from that (the cheap probe setting included), choose settings deterministically, group the batch by
-setting and run each group with sliced FFN weights, its own number of latents and early exit; then put the
-results back in input order. FLOPs per image = FLOPs(chosen setting) + the controller's overhead.
+observation from that (running the cheap probe setting), choose settings deterministically, then run the batch
+grouped by (tokens, width). A group reads its latents once and goes through the blocks with early exit: rows are
+sorted deepest first, so after each block the rows whose chosen depth is reached are written out and the rest
+carry on as a shorter prefix of the batch (at most K x M groups, not one per setting). The group with the probe's
+tokens and width continues from the probe's latents instead of redoing its read and first block. Results go back
+in input order. FLOPs per image = FLOPs(chosen setting) - the probe work it reused + the controller's overhead.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from backbone.checkpoint import load_backbone
 from backbone.evaluate import flops_grid
 from envs import get_observation
+from envs.observations import run_probe
 from policy.controller import actor_flops, choose_actions, load_ppo
 from policy.sidecar import check_compatible, grid_of, resolve_run
 
@@ -45,6 +49,7 @@ class AdaptiveClassifier:
             controller_flops if controller_flops is not None else self.spec.flops(backbone) + actor_flops(policy)
         )
         self.flops_grid = flops_grid(backbone)
+        self.reused_flops = self.spec.reused_flops(backbone)  # probe work a setting continues from, not redone
         c = backbone.cfg
         self.grid = (c.token_granularities, list(range(1, c.depth + 1)), c.widths)
 
@@ -59,9 +64,9 @@ class AdaptiveClassifier:
         ppo = load_ppo(zip_path, device=device)
         return cls(model, ppo.policy, sidecar["observation"])
 
-    def choose(self, memory) -> np.ndarray:
+    def choose(self, memory, probe_logits: torch.Tensor | None = None) -> np.ndarray:
         """Setting indices ``(B, 3)`` for a batch already embedded by ``backbone.embed``."""
-        return choose_actions(self.policy, self.spec.compute(self.backbone, memory))
+        return choose_actions(self.policy, self.spec.compute(self.backbone, memory, probe_logits))
 
     def setting(self, action: Sequence[int]) -> tuple[int, int, int]:
         k, d, m = (int(a) for a in action)
@@ -70,17 +75,63 @@ class AdaptiveClassifier:
     @torch.no_grad()
     def predict(self, images: torch.Tensor | Sequence[torch.Tensor]) -> Prediction:
         """Classify ``images`` (float ``(B, C, H, W)`` in [0, 1], or a list of ``(C, H, W)``) adaptively."""
+        model = self.backbone
         x = _as_batch(images)
-        memory = self.backbone.embed(x)
-        actions = self.choose(memory)
-        logits = torch.empty(len(x), self.backbone.cfg.num_classes, dtype=memory.tokens.dtype)
-        unique, group_of = np.unique(actions, axis=0, return_inverse=True)
-        for j, action in enumerate(unique):
-            rows = torch.from_numpy(np.flatnonzero(group_of.reshape(-1) == j))
-            g, d, w = self.setting(action)
-            logits[rows] = self.backbone(memory[rows], num_tokens=g, depth=d, width=w)
-        flops = self.flops_grid[actions[:, 0], actions[:, 1], actions[:, 2]] + self.controller_flops
+        memory = model.embed(x)
+        probe = run_probe(model, memory) if self.spec.probe else None
+        actions = self.choose(memory, None if probe is None else probe[1])
+        tok, depth, wid = actions[:, 0], actions[:, 1] + 1, actions[:, 2]
+        logits = memory.tokens.new_empty(len(x), model.cfg.num_classes)
+        # the probe ran (fewest tokens, depth 1, narrowest width): rows with its tokens and width go on from it
+        on_probe = (tok == 0) & (wid == 0) if probe is not None else np.zeros(len(x), bool)
+        at_probe = on_probe & (depth == 1)
+        if at_probe.any():
+            logits[at_probe] = probe[1][at_probe]
+        for k in np.unique(tok):
+            rows = np.flatnonzero((tok == k) & ~at_probe)
+            if len(rows) == 0:
+                continue
+            g = self.grid[0][k]
+            # one read, one pass through the blocks and one write-out per token count (widths and depths mixed)
+            start = memory.tokens.new_empty(len(rows), g, model.cfg.embed_dim)
+            cont = on_probe[rows]
+            if cont.any():
+                start[cont] = probe[0][rows[cont]]
+            if not cont.all():
+                start[~cont] = model.read_latents(memory[torch.from_numpy(rows[~cont])], g)
+            widths = np.asarray(self.grid[2])[wid[rows]]
+            logits[rows] = model.forward_head(self._run_blocks(start, depth[rows], widths, cont))
+        flops = self.flops_grid[tuple(actions.T)] - self.reused_flops[tuple(actions.T)] + self.controller_flops
         return Prediction(logits.argmax(-1), logits, [self.setting(a) for a in actions], actions, flops)
+
+    def _run_blocks(
+        self, latents: torch.Tensor, depth: np.ndarray, widths: np.ndarray, past_block1: np.ndarray
+    ) -> torch.Tensor:
+        """Each row through blocks ``1..depth[i]`` at ``widths[i]`` (rows with ``past_block1`` skip block 1).
+
+        Rows are sorted deepest first, so the rows still running are always a prefix of the batch: each block
+        runs once, on exactly the rows that need it (early exit without masking or wasted rows).
+        """
+        order = np.argsort(-depth, kind="stable")
+        depth, widths, past_block1 = depth[order], widths[order], past_block1[order]
+        z = latents[torch.from_numpy(order)]
+        final = torch.empty_like(z)
+        for d in range(1, int(depth[0]) + 1):
+            alive = int((depth >= d).sum())
+            z = z[:alive]
+            if d == 1 and past_block1.any():
+                todo = torch.from_numpy(np.flatnonzero(~past_block1[:alive]))
+                if len(todo):
+                    z[todo] = self.backbone.forward_block_mixed_widths(z[todo], 0, widths[todo.numpy()])
+            else:
+                z = self.backbone.forward_block_mixed_widths(z, d - 1, widths[:alive])
+            exit_now = depth[:alive] == d
+            if exit_now.any():
+                lo = int(np.argmax(exit_now))  # the rows exiting here are the tail of the running prefix
+                final[lo:alive] = z[lo:alive]
+        out = torch.empty_like(final)
+        out[torch.from_numpy(order)] = final
+        return out
 
 
 def _as_batch(images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:

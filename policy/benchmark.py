@@ -1,11 +1,12 @@
 """Wall-clock throughput of adaptive inference vs the full setting, measured in one process and one run.
 
-    python -m policy.benchmark --policy runs/RUN [--batch-sizes 256 1] [--repeats 5]
+    python -m policy.benchmark --policy runs/RUN [--batch-sizes 256 1] [--repeats 9]
 
 For each batch size: images/s of ``AdaptiveClassifier.predict`` (observation, controller, grouped runs) and of
-the plain full-setting forward on the same test images (median of ``--repeats`` timed passes after a warm-up),
-next to the FLOPs ratio full / adaptive (controller overhead included). Prints a table and writes JSON.
-"""
+the plain full-setting forward on the same test images, timed back to back in each of ``--repeats`` paired passes
+(after a warm-up); the speedup is the median of the per-pass ratios, shown next to the FLOPs ratio full / adaptive
+(controller overhead included). Pairing matters on a shared machine, whose speed drifts by tens of percent.
+Prints a table and writes JSON."""
 
 from __future__ import annotations
 
@@ -44,22 +45,27 @@ def benchmark(clf: AdaptiveClassifier, images: torch.Tensor, batch_sizes: list[i
         adaptive_flops = float(clf.predict(images).flops.mean())
     rows = []
     for batch in batch_sizes:
-        # interleave the two measurements so slow drifts of a shared machine hit both alike
+        # paired measurements: each repeat times both back to back (alternating which goes first), so a slow
+        # spell of the shared machine hits both; the reported speedup is the median of the per-repeat ratios
         full, adaptive = [], []
-        for _ in range(repeats):
-            full += _throughput(clf.backbone, images, batch, 1)
-            adaptive += _throughput(clf.predict, images, batch, 1)
-        f, a = statistics.median(full), statistics.median(adaptive)
+        for r in range(repeats):
+            pair = [(full, clf.backbone), (adaptive, clf.predict)]
+            for runs, fn in pair if r % 2 == 0 else pair[::-1]:
+                runs += _throughput(fn, images, batch, 1)
+        speedups = [a / f for a, f in zip(adaptive, full, strict=True)]
+        speedup, ratio = statistics.median(speedups), full_flops / adaptive_flops
         rows.append(
             {
                 "images": len(images),
                 "adaptive_mean_flops": adaptive_flops,
                 "batch_size": batch,
-                "full_img_s": f,
-                "adaptive_img_s": a,
-                "speedup": a / f,
-                "flops_ratio": full_flops / adaptive_flops,
-                "speedup_over_flops_ratio": (a / f) / (full_flops / adaptive_flops),
+                "full_img_s": statistics.median(full),
+                "adaptive_img_s": statistics.median(adaptive),
+                "speedup": speedup,
+                "speedup_min": min(speedups),
+                "speedup_max": max(speedups),
+                "flops_ratio": ratio,
+                "speedup_over_flops_ratio": speedup / ratio,
                 "full_img_s_runs": full,
                 "adaptive_img_s_runs": adaptive,
             }
@@ -81,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=2048, help="first N images of the split (default 2048)")
     parser.add_argument("--limit-batch1", type=int, default=256, help="images for batch size 1 (default 256)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1], help="default: 256 1")
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes per measurement (median reported)")
+    parser.add_argument(
+        "--repeats", type=int, default=9, help="paired timed passes per batch size (medians reported; default 9)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder")
     parser.add_argument("--json", default=None, help="output JSON (default: <policy>/benchmark.json)")
@@ -111,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         f"adaptive mean {out['adaptive_mean_flops'] / 1e6:.2f} MFLOPs/image vs full {out['full_flops'] / 1e6:.2f}"
         f" ({out['threads']} threads, torch {out['torch']}, median of {args.repeats})"
     )
-    print("| batch | full img/s | adaptive img/s | speedup | FLOPs ratio | speedup / FLOPs ratio |")
+    print("| batch | full img/s | adaptive img/s | speedup (min-max) | FLOPs ratio | speedup / FLOPs ratio |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in out["rows"]:
         print(
-            f"| {r['batch_size']} | {r['full_img_s']:.0f} | {r['adaptive_img_s']:.0f} | {r['speedup']:.2f}x | "
-            f"{r['flops_ratio']:.2f}x | {r['speedup_over_flops_ratio']:.0%} |"
+            f"| {r['batch_size']} | {r['full_img_s']:.0f} | {r['adaptive_img_s']:.0f} | {r['speedup']:.2f}x "
+            f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {r['flops_ratio']:.2f}x | "
+            f"{r['speedup_over_flops_ratio']:.0%} |"
         )
     path = Path(args.json) if args.json else Path(args.policy) / "benchmark.json"
     write_json(path, out, indent=1)

@@ -16,11 +16,15 @@ def setting_label(grid: dict[str, Any], action: tuple[int, int, int]) -> str:
     return f"{grid['token_granularities'][k]}/{d + 1}/{grid['widths'][m]}"
 
 
-def evaluate_actions(table, actions: np.ndarray, controller_flops: int) -> dict[str, Any]:
+def evaluate_actions(
+    table, actions: np.ndarray, controller_flops: int, reused_flops: np.ndarray | None = None
+) -> dict[str, Any]:
     """Metrics of choosing ``actions[i]`` (token, depth, width indices) for sample ``i`` of ``table``.
 
-    ``mean_flops`` includes the controller's overhead (observation features + actor network); the best fixed
-    setting is the most accurate one whose FLOPs are <= that mean (the fixed setting pays no overhead).
+    ``mean_flops`` includes the controller's overhead (observation features + actor network) and leaves out
+    ``reused_flops[k, d, m]``, the part of a setting that the controller's probe already computed
+    (``ObservationSpec.reused_flops``; adaptive inference continues from the probe instead of redoing it). The
+    best fixed setting is the most accurate one whose FLOPs are <= that mean (the fixed setting pays no overhead).
     """
     actions = np.asarray(actions, dtype=np.int64)
     n = len(table.labels)
@@ -28,7 +32,10 @@ def evaluate_actions(table, actions: np.ndarray, controller_flops: int) -> dict[
         raise ValueError(f"expected actions of shape ({n}, 3), got {actions.shape}")
     k, d, m = actions.T
     correct = table.correct[np.arange(n), k, d, m]
-    backbone_flops = table.flops[k, d, m].astype(np.float64)
+    reused = np.zeros(table.flops.shape, np.int64) if reused_flops is None else np.asarray(reused_flops)
+    if reused.shape != table.flops.shape:
+        raise ValueError(f"reused_flops has shape {reused.shape}, the settings grid {table.flops.shape}")
+    backbone_flops = (table.flops[k, d, m] - reused[k, d, m]).astype(np.float64)
     mean_flops = float(backbone_flops.mean() + controller_flops)
     fixed_acc = table.correct.mean(0)  # (K, L, M)
     full = tuple(s - 1 for s in table.flops.shape)
@@ -43,6 +50,7 @@ def evaluate_actions(table, actions: np.ndarray, controller_flops: int) -> dict[
         "mean_flops": mean_flops,
         "backbone_mean_flops": float(backbone_flops.mean()),
         "controller_flops": int(controller_flops),
+        "probe_reused_mean_flops": float(reused[k, d, m].mean()),
         "full_accuracy": full_acc,
         "full_flops": full_flops,
         "flops_saving": 1.0 - mean_flops / full_flops,
@@ -75,7 +83,8 @@ def format_report(metrics: dict[str, Any], top: int = 5) -> str:
         f"controller on {m.get('split', 'eval')} ({m['samples']} images)",
         f"  controller accuracy          {m['accuracy']:.2%}",
         f"  mean MFLOPs / image          {m['mean_flops'] / 1e6:.2f}  (backbone {m['backbone_mean_flops'] / 1e6:.2f}"
-        f" + controller {m['controller_flops'] / 1e6:.3f})",
+        f" + controller {m['controller_flops'] / 1e6:.3f}; {m['probe_reused_mean_flops'] / 1e6:.2f} of the backbone's"
+        " work reused from the probe, not counted twice)",
         f"  saving vs full setting       {m['flops_saving']:.1%}",
         f"  full setting                 {m['full_accuracy']:.2%} at {m['full_flops'] / 1e6:.2f} MFLOPs",
         f"  best fixed at <= same FLOPs  {m['best_fixed_accuracy_at_same_flops']:.2%}"

@@ -21,7 +21,7 @@ from stable_baselines3.common.logger import CSVOutputFormat, KVWriter, Logger
 from backbone.checkpoint import DEFAULT_BACKBONE, CheckpointError, load_backbone, write_json
 from backbone.data import load_split
 from backbone.settings_io import dump_yaml
-from envs import OutcomeTable, load_or_build, make_vec_env
+from envs import OutcomeTable, get_observation, load_or_build, make_vec_env
 from policy.config import PolicyConfig
 from policy.controller import actor_flops, choose_actions, load_ppo, save_ppo_atomic
 from policy.evaluation import evaluate_actions
@@ -168,7 +168,8 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
     save(ppo)
     vec.close()
 
-    metrics = evaluate_actions(eval_table, choose_actions(ppo.policy, eval_table.obs), controller_flops)
+    reused = get_observation(cfg.observation).reused_flops(model)
+    metrics = evaluate_actions(eval_table, choose_actions(ppo.policy, eval_table.obs), controller_flops, reused)
     metrics = {
         "split": cfg.eval_split,
         "flops_penalty": cfg.flops_penalty,

@@ -463,3 +463,35 @@ def test_in1k_shape() -> None:
     assert full == max(m.flops(*s) for s in [(256, 21, 832), (32, 1, 416), (128, 10, 624)])
     # masked training width must use the same hidden units as sliced inference for this size too
     assert m._hidden(torch.tensor(c.widths), 3).tolist() == [c.hidden_dim(w) for w in c.widths]
+
+
+def test_forward_blocks_continues_a_run() -> None:
+    """Running blocks in two pieces (as early exit and probe reuse do) equals running them in one go."""
+    torch.manual_seed(0)
+    m = create_model("adaperceiver_test", ls_init_values=1.0).eval()
+    x = torch.rand(3, 1, 28, 28)
+    g, w = m.cfg.token_granularities[1], m.cfg.widths[0]
+    with torch.no_grad():
+        z = m.read_latents(m.embed(x), g)
+        whole = m.forward_blocks(z, 0, m.cfg.depth, w)
+        pieces = m.forward_blocks(m.forward_blocks(z, 0, 1, w), 1, m.cfg.depth, w)
+        torch.testing.assert_close(pieces, whole)
+        torch.testing.assert_close(m.forward_head(whole), m(x, num_tokens=g, width=w))
+    with pytest.raises(ValueError, match="start"):
+        m.forward_blocks(z, 2, 1, w)
+
+
+def test_block_with_mixed_widths_equals_each_row_at_its_width() -> None:
+    """Rows of one batch at different sliced widths give what each row gives alone at its width."""
+    torch.manual_seed(0)
+    m = create_model("adaperceiver_test", ls_init_values=1.0).eval()
+    g, widths = m.cfg.token_granularities[-1], [m.cfg.widths[i] for i in (2, 0, 1, 0)]
+    with torch.no_grad():
+        z = m.read_latents(m.embed(torch.rand(4, 1, 28, 28)), g)
+        mixed = m.forward_block_mixed_widths(z, 1, widths)
+        for i, w in enumerate(widths):
+            torch.testing.assert_close(mixed[i : i + 1], m.forward_blocks(z[i : i + 1], 1, 2, w))
+    with pytest.raises(ValueError, match="FFN width"):
+        m.forward_block_mixed_widths(z, 1, [3, 3, 3, 3])
+    with pytest.raises(ValueError, match="one width per row"):
+        m.forward_block_mixed_widths(z, 1, widths[:2])

@@ -20,7 +20,9 @@ from PIL import Image
 
 from backbone import create_model, load_backbone, save_backbone
 from backbone.data import load_split
+from backbone.flops import flop_counter
 from policy import AdaptiveClassifier, build_policy_config, train_controller
+from policy.controller import choose_actions
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_KEYS = {"accuracy", "mean_flops", "controller_flops", "full_accuracy", "full_flops", "flops_saving",
@@ -159,7 +161,27 @@ def test_grouped_batch_equals_per_image(run: Path, images: torch.Tensor) -> None
         alone = clf.backbone(images[i : i + 1], num_tokens=g, depth=d, width=w)
         torch.testing.assert_close(pred.logits[i : i + 1], alone, atol=1e-5, rtol=1e-5)
         assert int(pred.labels[i]) == int(alone.argmax())
-        assert pred.flops[i] == clf.backbone.flops(g, d, w) + clf.controller_flops
+        reused = clf.reused_flops[tuple(pred.actions[i])]
+        assert pred.flops[i] == clf.backbone.flops(g, d, w) - reused + clf.controller_flops
+
+
+def test_reported_flops_are_what_predict_runs(run: Path, images: torch.Tensor) -> None:
+    """FlopCounterMode over adaptive inference (probe reuse, early exit, policy net) matches the reported FLOPs."""
+    clf = AdaptiveClassifier.load(run)
+    pred = clf.predict(images)
+    assert (clf.reused_flops[tuple(pred.actions.T)] > 0).any(), "the tiny run should reuse the probe somewhere"
+    # the counter sees matmuls, convolutions and attention; the analytic total also has the observation's
+    # pooling/normalisation and softmax statistics, element-wise work it does not count
+    cfg = clf.backbone.cfg
+    elementwise = len(images) * (cfg.num_patches * cfg.embed_dim + 8 * cfg.embed_dim + 6 * cfg.num_classes)
+    with flop_counter() as one_by_one:
+        for i in range(len(images)):
+            clf.predict(images[i : i + 1])
+    assert one_by_one.get_total_flops() == pytest.approx(pred.flops.sum() - elementwise, rel=0.01)
+    # batched, the input-independent latent/output queries run once per group instead of once per image
+    with flop_counter() as batched:
+        clf.predict(images)
+    assert 0.9 * one_by_one.get_total_flops() < batched.get_total_flops() <= one_by_one.get_total_flops()
 
 
 def test_predict_preserves_input_order(run: Path, images: torch.Tensor) -> None:
@@ -171,6 +193,13 @@ def test_predict_preserves_input_order(run: Path, images: torch.Tensor) -> None:
     # a list of images gives the same as a batch tensor
     c = clf.predict(list(images))
     assert c.labels.tolist() == a.labels.tolist()
+
+
+def test_choose_actions_is_the_distribution_mode(run: Path) -> None:
+    clf = AdaptiveClassifier.load(run)
+    obs = torch.randn(50, clf.spec.dim(clf.backbone))
+    want = clf.policy.get_distribution(obs).mode().numpy().reshape(50, 3)
+    np.testing.assert_array_equal(choose_actions(clf.policy, obs), want)
 
 
 def test_mismatched_backbone_is_refused(work, run: Path) -> None:

@@ -43,9 +43,10 @@ class SelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding1d, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = (_split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
-        q, k = rope(q), rope(k)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        b, n, d = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = rope(qkv[:2])  # one rotation for q and k together: fewer small ops per block at small batch
+        y = F.scaled_dot_product_attention(q, k, qkv[2], attn_mask=attn_mask)
         return self.proj_drop(self.proj(_merge_heads(y)))
 
 

@@ -42,5 +42,14 @@ class Block(nn.Module):
         attn_mask: torch.Tensor | None = None,
         hidden: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), rope, attn_mask)))
+        return self.forward_mlp(self.forward_attn(x, rope, attn_mask), hidden)
+
+    def forward_attn(
+        self, x: torch.Tensor, rope: RotaryEmbedding1d, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The attention half, ``x + LS(attn(LN(x)))``: the same for every FFN width."""
+        return x + self.drop_path(self.ls1(self.attn(self.norm1(x), rope, attn_mask)))
+
+    def forward_mlp(self, x: torch.Tensor, hidden: int | torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP half, ``x + LS(mlp(LN(x), hidden))``: the only part that depends on the FFN width."""
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x), hidden)))
