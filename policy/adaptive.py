@@ -82,8 +82,9 @@ class AdaptiveClassifier:
         actions = self.choose(memory, None if probe is None else probe[1])
         tok, depth, wid = actions[:, 0], actions[:, 1] + 1, actions[:, 2]
         logits = memory.tokens.new_empty(len(x), model.cfg.num_classes)
-        # the probe ran (fewest tokens, depth 1, narrowest width): rows with its tokens and width go on from it
-        on_probe = (tok == 0) & (wid == 0) if probe is not None else np.zeros(len(x), bool)
+        # rows whose setting reuses the probe's work (its tokens and width) go on from the probe's latents;
+        # the same grid gives the FLOPs they skip, so execution and accounting cannot drift apart
+        on_probe = self.reused_flops[tok, actions[:, 1], wid] > 0
         at_probe = on_probe & (depth == 1)
         if at_probe.any():
             logits[at_probe] = probe[1][at_probe]

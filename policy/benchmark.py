@@ -24,19 +24,14 @@ from backbone.data import DataError, load_split
 from policy.adaptive import AdaptiveClassifier
 
 
-def _throughput(fn: Callable[[torch.Tensor], object], images: torch.Tensor, batch: int, repeats: int) -> list[float]:
-    """images/s of running ``fn`` over ``images`` in batches, one figure per repeat (after one warm-up pass)."""
+def _throughput(fn: Callable[[torch.Tensor], object], images: torch.Tensor, batch: int) -> float:
+    """images/s of one timed pass of ``fn`` over ``images`` in batches of ``batch``."""
     batches = [images[s : s + batch] for s in range(0, len(images), batch)]
     with torch.inference_mode():
-        for b in batches[: max(1, len(batches) // 4)]:
+        t0 = time.perf_counter()
+        for b in batches:
             fn(b)
-        rates = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for b in batches:
-                fn(b)
-            rates.append(len(images) / (time.perf_counter() - t0))
-    return rates
+        return len(images) / (time.perf_counter() - t0)
 
 
 def benchmark(clf: AdaptiveClassifier, images: torch.Tensor, batch_sizes: list[int], repeats: int) -> dict:
@@ -48,10 +43,12 @@ def benchmark(clf: AdaptiveClassifier, images: torch.Tensor, batch_sizes: list[i
         # paired measurements: each repeat times both back to back (alternating which goes first), so a slow
         # spell of the shared machine hits both; the reported speedup is the median of the per-repeat ratios
         full, adaptive = [], []
+        pair = [(full, clf.backbone), (adaptive, clf.predict)]
+        for _, fn in pair:  # warm-up pass each (allocator, kernels), not timed
+            _throughput(fn, images[: max(batch, len(images) // 4)], batch)
         for r in range(repeats):
-            pair = [(full, clf.backbone), (adaptive, clf.predict)]
             for runs, fn in pair if r % 2 == 0 else pair[::-1]:
-                runs += _throughput(fn, images, batch, 1)
+                runs.append(_throughput(fn, images, batch))
         speedups = [a / f for a, f in zip(adaptive, full, strict=True)]
         speedup, ratio = statistics.median(speedups), full_flops / adaptive_flops
         rows.append(
