@@ -45,6 +45,8 @@ def write_sidecar(path: str | os.PathLike, data: dict[str, Any]) -> None:
 def resolve_run(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """Run folder or ``policy.json`` or ``policy.zip`` -> (path of policy.zip, sidecar dict)."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such run folder or file: {path} (train_policy.py writes run folders)")
     run_dir = path if path.is_dir() else path.parent
     sidecar, zip_path = run_dir / SIDECAR, run_dir / POLICY_ZIP
     if not sidecar.is_file():

@@ -265,3 +265,9 @@ def test_benchmark_end_to_end(run: Path, tmp_path) -> None:
         assert row["flops_ratio"] == pytest.approx(result["full_flops"] / row["adaptive_mean_flops"])
     assert [row["images"] for row in result["rows"]] == [64, 8]
     assert "speedup / FLOPs ratio" in r.stdout
+
+
+def test_missing_run_folder_is_named(tmp_path) -> None:
+    r = _cli("-m", "policy.benchmark", "--policy", str(tmp_path / "nope"))
+    assert r.returncode != 0
+    assert "no such run folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
