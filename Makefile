@@ -39,6 +39,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/bench_backbone.py
 	$(PY) benchmarks/bench_env.py
+	$(PY) benchmarks/bench_train_step.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -134,6 +134,26 @@ def test_train_writes_its_outputs(two_epoch_run) -> None:
     assert logits.shape == (2, 3, 3, 10) and torch.isfinite(logits).all()
 
 
+def test_bf16_without_native_support_trains_in_fp32(tmp_path: Path, data: ImageDataset, monkeypatch) -> None:
+    """Emulated bf16 is several times slower than fp32, so ``bf16: true`` must fall back (same weights as fp32)."""
+    monkeypatch.setattr(train_mod, "native_bf16", lambda: False)
+    train(_config(tmp_path / "asked_bf16", bf16=True), data=data)
+    train(_config(tmp_path / "fp32", bf16=False), data=data)
+    _assert_same_weights(tmp_path / "asked_bf16", tmp_path / "fp32")
+    assert load_backbone(tmp_path / "asked_bf16" / "backbone.safetensors").checkpoint_info["precision"] == "fp32"
+
+
+def test_conv_stem_runs_in_fp32_under_bf16_autocast() -> None:
+    """oneDNN's bf16 convolutions are slow on CPU, so the stem opts out of autocast; the blocks still use it."""
+    model = create_model("adaperceiver_test", stem="conv", stem_dims=(8, 8), patch_size=4)
+    x = torch.rand(2, 1, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = model.stem(x)
+        assert model.blocks[0].mlp.fc1(tokens).dtype == torch.bfloat16
+    assert tokens.dtype == torch.float32
+    torch.testing.assert_close(tokens, model.stem(x))
+
+
 def test_training_changes_the_weights(two_epoch_run) -> None:
     run, _, _ = two_epoch_run
     torch.manual_seed(0)  # train() builds its model right after seeding with cfg.seed = 0
@@ -246,3 +266,17 @@ def test_cli_unknown_option_is_a_one_line_error() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error:") and "nope" in lines[0] and "valid options" in lines[0]
+
+
+def test_train_step_benchmark_writes_both_precisions(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), "--model", "adaperceiver_test",
+           "--batch-size", "8", "--repeats", "2", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    for name in ("fp32", "bf16_autocast"):
+        assert len(result[name]["step_s"]) == 2 and result[name]["median_step_s"] > 0
+    assert result["bf16_over_fp32_time"] > 0 and isinstance(result["native_bf16"], bool)
+    bad = subprocess.run([*cmd[:2], "--repeats", "0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:")

@@ -1,0 +1,91 @@
+"""Seconds per joint-training step in fp32 and under bf16 autocast, on this machine.
+
+    python benchmarks/bench_train_step.py [--model adaperceiver_fmnist] [--batch-size 256] [--repeats 3]
+                                          [--json results.json]
+
+Why: bf16 autocast speeds training up only where the CPU has native bf16 kernels (AVX512-BF16/AMX); elsewhere it
+is emulated and much slower, which is why ``backbone.train`` falls back to fp32 there (``native_bf16``). This
+times the same step as training (``forward_all`` on a random batch with a random width per sample, joint loss,
+backward, AdamW) both ways, ``--repeats`` steps each after one warm-up step, and prints the medians. Random
+weights and inputs: the cost of a step does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
+
+from backbone import MODEL_NAMES, create_model
+from backbone.train import joint_loss, native_bf16
+
+
+def step_seconds(model_name: str, batch_size: int, bf16: bool, repeats: int) -> list[float]:
+    """Wall-clock seconds of ``repeats`` training steps (after one untimed warm-up step)."""
+    torch.manual_seed(0)
+    model = create_model(model_name).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    c = model.cfg
+    x = torch.rand(batch_size, c.in_chans, c.img_size, c.img_size)
+    y = torch.randint(c.num_classes, (batch_size,))
+    widths = torch.tensor(c.widths)[torch.randint(len(c.widths), (batch_size,))]
+    times = []
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model.forward_all(x, width=widths)
+        loss = joint_loss(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i:  # the first step is a warm-up
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    parser.add_argument("--model", default="adaperceiver_fmnist", choices=MODEL_NAMES, help="named model size")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per step (training default: 256)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per precision (median reported)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.repeats < 1:
+        print("error: --batch-size and --repeats must be >= 1", file=sys.stderr)
+        return 2
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "native_bf16": native_bf16(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    for name, bf16 in (("fp32", False), ("bf16_autocast", True)):
+        times = step_seconds(args.model, args.batch_size, bf16, args.repeats)
+        result[name] = {"step_s": times, "median_step_s": statistics.median(times),
+                        "img_per_s": args.batch_size / statistics.median(times)}  # fmt: skip
+        print(f"{name:14s} median {statistics.median(times):6.2f} s/step = {result[name]['img_per_s']:6.1f} img/s "
+              f"(steps: {', '.join(f'{t:.2f}' for t in times)})", flush=True)  # fmt: skip
+    ratio = result["bf16_autocast"]["median_step_s"] / result["fp32"]["median_step_s"]
+    result["bf16_over_fp32_time"] = ratio
+    print(f"bf16 autocast takes {ratio:.2f}x the fp32 step time; native bf16 on this CPU: {result['native_bf16']}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
