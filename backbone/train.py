@@ -166,16 +166,9 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         x = (random_shift_flip(x) if cfg.augment else x).float() / 255.0
         w = widths[torch.randint(len(widths), (len(idx),))]
         scheduler.step_update(num_updates=step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model.forward_all(x, width=w)
-        loss = joint_loss(logits, labels[idx], cfg.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        loss = train_step(model, optimizer, x, labels[idx], w, use_bf16, cfg.label_smoothing, cfg.grad_clip)
+        if loss is None:
+            raise FloatingPointError(f"loss is not finite at step {step}; lower the learning rate")
         step += 1
 
         now = time.perf_counter()
@@ -220,6 +213,33 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         "wall_s": elapsed,
         "final_loss": loss_ema,
     }
+
+
+def train_step(
+    model: AdaPerceiver,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    widths: torch.Tensor,
+    bf16: bool,
+    label_smoothing: float = 0.0,
+    grad_clip: float = 0.0,
+) -> torch.Tensor | None:
+    """One optimizer step on the joint loss of a batch; returns the loss, or None (no update) if it is not finite.
+
+    Shared by the training loop and ``benchmarks/bench_train_step.py``, so the benchmark times the real step.
+    """
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model.forward_all(x, width=widths)
+    loss = joint_loss(logits, labels, label_smoothing)
+    if not torch.isfinite(loss):
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss
 
 
 def native_bf16() -> bool:

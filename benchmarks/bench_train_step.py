@@ -5,9 +5,10 @@
 
 Why: bf16 autocast speeds training up only where the CPU has native bf16 kernels (AVX512-BF16/AMX); elsewhere it
 is emulated and much slower, which is why ``backbone.train`` falls back to fp32 there (``native_bf16``). This
-times the same step as training (``forward_all`` on a random batch with a random width per sample, joint loss,
-backward, AdamW) both ways, ``--repeats`` steps each after one warm-up step, and prints the medians. Random
-weights and inputs: the cost of a step does not depend on them.
+times the training loop's own ``backbone.train.train_step`` (``forward_all`` with a random width per sample,
+joint loss, backward, gradient clipping, AdamW; default training options) on a random batch both ways,
+``--repeats`` steps each after one warm-up step, and prints the medians. Random weights and inputs: the cost of a
+step does not depend on them.
 """
 
 from __future__ import annotations
@@ -21,18 +22,20 @@ import time
 from pathlib import Path
 
 import torch
+from timm.optim import create_optimizer_v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
 from backbone import MODEL_NAMES, create_model
-from backbone.train import joint_loss, native_bf16
+from backbone.train import TrainConfig, native_bf16, train_step
 
 
 def step_seconds(model_name: str, batch_size: int, bf16: bool, repeats: int) -> list[float]:
     """Wall-clock seconds of ``repeats`` training steps (after one untimed warm-up step)."""
     torch.manual_seed(0)
     model = create_model(model_name).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    defaults = TrainConfig()
+    optimizer = create_optimizer_v2(model, "adamw", lr=defaults.lr, weight_decay=defaults.weight_decay)
     c = model.cfg
     x = torch.rand(batch_size, c.in_chans, c.img_size, c.img_size)
     y = torch.randint(c.num_classes, (batch_size,))
@@ -40,12 +43,7 @@ def step_seconds(model_name: str, batch_size: int, bf16: bool, repeats: int) -> 
     times = []
     for i in range(repeats + 1):
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model.forward_all(x, width=widths)
-        loss = joint_loss(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, x, y, widths, bf16, defaults.label_smoothing, defaults.grad_clip)
         if i:  # the first step is a warm-up
             times.append(time.perf_counter() - t)
     return times
