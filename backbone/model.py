@@ -111,7 +111,7 @@ class AdaPerceiver(nn.Module):
         return g, d, w
 
     def _hidden(self, width: int | list[int], batch: int) -> int | torch.Tensor:
-        """Width(s) -> MLP hidden units: an int slices the weights, a per-sample list masks them."""
+        """Width(s) -> MLP hidden units: an int for the whole batch, or a ``(B,)`` tensor of per-sample sizes."""
         if isinstance(width, int):
             return self.cfg.hidden_dim(width)
         if len(width) != batch:
@@ -193,23 +193,18 @@ class AdaPerceiver(nn.Module):
     ) -> torch.Tensor:
         """Block ``index`` (0-based) on latents ``(B, g, D)`` whose rows each have their own FFN width.
 
-        Unlike the masked per-sample width of training, each row really runs at its sliced width: the attention
-        half does not depend on the width, so it runs once for all rows, and the MLP half once per distinct
-        width on the rows that have it. Saves small calls when a batch mixes widths (adaptive inference).
+        The attention half does not depend on the width, so it runs once for all rows; the MLP half runs once per
+        distinct width on the rows that have it, at its sliced width (adaptive inference continuing a batch).
         """
         widths = np.asarray(widths)
         if widths.shape != (latents.shape[0],):
             raise ValueError(f"need one width per row ({latents.shape[0]}), got shape {widths.shape}")
-        distinct = [self.resolve_setting(latents.shape[1], None, int(w))[2] for w in np.unique(widths)]
-        block = self.blocks[index]
-        x = block.forward_attn(latents, self.rope, self._latent_mask(latents.shape[1]))
-        if len(distinct) == 1:
-            return block.forward_mlp(x, self.cfg.hidden_dim(distinct[0]))
-        out = torch.empty_like(x)
-        for width in distinct:
-            rows = torch.from_numpy(np.flatnonzero(widths == width))
-            out[rows] = block.forward_mlp(x[rows], self.cfg.hidden_dim(width))
-        return out
+        distinct = np.unique(widths)
+        for w in distinct:
+            self.resolve_setting(latents.shape[1], None, int(w))
+        one = len(distinct) == 1
+        hidden = self.cfg.hidden_dim(int(distinct[0])) if one else self._hidden(widths.tolist(), len(widths))
+        return self.blocks[index](latents, self.rope, self._latent_mask(latents.shape[1]), hidden)
 
     def _latent_mask(self, g: int) -> torch.Tensor | None:
         """Block-causal mask over ``g`` latents; with one granularity in play every latent sees all g others."""

@@ -27,7 +27,7 @@ from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from backbone.checkpoint import atomic_write, save_backbone
-from backbone.data import ImageDataset, load_split
+from backbone.data import ImageDataset, load_image_folder, load_split
 from backbone.evaluate import accuracy_grid
 from backbone.factory import create_model
 from backbone.model import AdaPerceiver
@@ -41,6 +41,7 @@ class TrainConfig:
     model: str = "adaperceiver_fmnist"  # named size (backbone.MODEL_NAMES)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # AdaPerceiverConfig fields to change
     split: str = "backbone-train"  # training split (train[:50000]); the policy split is never trained on
+    image_folder: str | None = None  # train on a root/<class>/<image> tree instead of `split` (your own data)
     epochs: int = 22  # passes over the split
     batch_size: int = 256  # images per step
     lr: float = 2e-3  # peak AdamW learning rate, reached after warm-up
@@ -92,6 +93,7 @@ _SCHEDULE_KEYS = (
     "model",
     "model_overrides",
     "split",
+    "image_folder",
     "epochs",
     "batch_size",
     "lr",
@@ -116,8 +118,13 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, **cfg.model_overrides)
+    # the held-out monitor scores Fashion-MNIST's policy split: only meaningful when training on its backbone split
+    monitored = data is None and cfg.image_folder is None and cfg.split == "backbone-train"
+    if data is None:
+        data = _load_training_data(cfg, model)
     out.mkdir(parents=True, exist_ok=True)
-    data = data if data is not None else load_split(cfg.split, cfg.data_dir)
     if cfg.limit_train:
         data = data.subset(cfg.limit_train)
     n = len(data)
@@ -126,8 +133,6 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the {n} training images")
     total_steps = steps_per_epoch * cfg.epochs
 
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, **cfg.model_overrides)
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = CosineLRScheduler(
         optimizer,
@@ -143,7 +148,7 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
     dump_yaml(cfg, out / "config.yaml")
 
     monitor = None
-    if cfg.monitor_samples and cfg.split == "backbone-train":
+    if cfg.monitor_samples and monitored:
         held_out = load_split("policy-train", cfg.data_dir).subset(cfg.monitor_samples)
         monitor = (held_out.as_float(), held_out.labels)
 
@@ -164,7 +169,8 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         torch.manual_seed(_step_seed(cfg.seed, step))  # all randomness of this step
         x = images[idx]
         x = (random_shift_flip(x) if cfg.augment else x).float() / 255.0
-        w = widths[torch.randint(len(widths), (len(idx),))]
+        # one width per sample; sorted so each width's group is contiguous (the batch order is random anyway)
+        w = widths[torch.randint(len(widths), (len(idx),))].sort().values
         scheduler.step_update(num_updates=step)
         loss = train_step(model, optimizer, x, labels[idx], w, use_bf16, cfg.label_smoothing, cfg.grad_clip)
         if loss is None:
@@ -213,6 +219,20 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         "wall_s": elapsed,
         "final_loss": loss_ema,
     }
+
+
+def _load_training_data(cfg: TrainConfig, model: AdaPerceiver) -> ImageDataset:
+    """The named Fashion-MNIST split, or ``cfg.image_folder`` read at the model's input size and channels."""
+    if cfg.image_folder is None:
+        return load_split(cfg.split, cfg.data_dir)
+    c = model.cfg
+    data = load_image_folder(cfg.image_folder, c.img_size, c.in_chans)
+    if len(data.classes) != c.num_classes:
+        raise ValueError(
+            f"{cfg.image_folder} has {len(data.classes)} classes but {cfg.model} has {c.num_classes} outputs; "
+            f"add model_overrides.num_classes={len(data.classes)}"
+        )
+    return data
 
 
 def train_step(
@@ -316,12 +336,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", help="train_state.pt of an interrupted run to continue from")
     parser.add_argument("--out", help="run folder (overrides the config's `out`)")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: $ADAPERCEIVER_DATA_DIR or Debian's path)")
+    parser.add_argument(
+        "--image-folder",
+        help="train on your own ROOT/<class>/<image> tree instead of Fashion-MNIST (resized to the model's "
+        "img_size; set model_overrides.num_classes / in_chans / mean / std to match)",
+    )
     parser.add_argument("--wandb", choices=["disabled", "offline", "online"], help="Weights & Biases logging mode")
     args = parser.parse_intermixed_args(argv)
     try:
-        cfg = build_config(args.config, args.overrides, out=args.out, data_dir=args.data_dir, wandb=args.wandb)
+        cfg = build_config(args.config, args.overrides, out=args.out, data_dir=args.data_dir, wandb=args.wandb,
+                           image_folder=args.image_folder)  # fmt: skip
         summary = train(cfg, resume=args.resume)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

@@ -39,7 +39,7 @@ def step_seconds(model_name: str, batch_size: int, bf16: bool, repeats: int) -> 
     c = model.cfg
     x = torch.rand(batch_size, c.in_chans, c.img_size, c.img_size)
     y = torch.randint(c.num_classes, (batch_size,))
-    widths = torch.tensor(c.widths)[torch.randint(len(c.widths), (batch_size,))]
+    widths = torch.tensor(c.widths)[torch.randint(len(c.widths), (batch_size,))].sort().values  # as the training loop
     times = []
     for i in range(repeats + 1):
         t = time.perf_counter()

@@ -31,6 +31,7 @@ from backbone import (
 )
 from backbone.checkpoint import FORMAT, FORMAT_VERSION, METADATA_KEY
 from backbone.flops import SHARED_PARTS
+from backbone.layers import MatryoshkaMlp
 from backbone.train import joint_loss
 
 ATOL = 1e-5  # float32 tolerance for "the same computation, different kernels / masks"
@@ -129,7 +130,7 @@ def test_patch_memory_is_shared_by_every_setting(model: AdaPerceiver, images: to
         torch.testing.assert_close(model(memory[1:3], 4, 2, 16), model(images[1:3], 4, 2, 16), atol=ATOL, rtol=RTOL)
 
 
-# --- 2. sliced FFN width (inference) == masked FFN width (training) ----------------------------------------------
+# --- 2. one width per batch (sliced) == per-sample widths (grouped) == DESIGN's masking ---------------------------
 
 
 def test_sliced_width_equals_masked_width(model: AdaPerceiver, images: torch.Tensor) -> None:
@@ -153,6 +154,34 @@ def test_mixed_per_sample_widths_equal_separate_runs(model: AdaPerceiver, images
         for i, w in enumerate(widths):
             torch.testing.assert_close(mixed_all[i : i + 1], model.forward_all(images[i : i + 1], width=w), atol=ATOL,
                                        rtol=RTOL)  # fmt: skip
+
+
+def _masked_mlp(mlp: MatryoshkaMlp, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """DESIGN §2's training recipe, written out: full-width MLP, hidden units past each sample's size zeroed."""
+    y = mlp.act(mlp.fc1(x))
+    keep = torch.arange(y.shape[-1])[None, :] < hidden[:, None]
+    return mlp.fc2(y * keep[:, None, :].to(y.dtype))
+
+
+@pytest.mark.parametrize("order", ["unsorted", "sorted"])
+def test_grouped_per_sample_widths_equal_masking_with_gradients(order: str) -> None:
+    """Training groups samples by width and slices (cheaper); output *and* every gradient equal masking's."""
+    torch.manual_seed(0)
+    mlp = MatryoshkaMlp(8, 32)
+    hidden = torch.tensor([16, 32, 8, 16, 8, 32, 32])
+    hidden = hidden.sort().values if order == "sorted" else hidden  # sorted: contiguous groups, no gather/scatter
+    x = torch.randn(len(hidden), 3, 8)
+    results = []
+    for forward in (lambda a: mlp(a, hidden), lambda a: _masked_mlp(mlp, a, hidden)):
+        mlp.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        out = forward(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out, xi.grad] + [p.grad.clone() for p in mlp.parameters()])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    with pytest.raises(ValueError, match="per-sample hidden sizes need shape"):
+        mlp(x, hidden[:3])
 
 
 @pytest.mark.parametrize("name", ["adaperceiver_test", "adaperceiver_fmnist"])

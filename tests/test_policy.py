@@ -165,6 +165,27 @@ def test_grouped_batch_equals_per_image(run: Path, images: torch.Tensor) -> None
         assert pred.flops[i] == clf.backbone.flops(g, d, w) - reused + clf.controller_flops
 
 
+@pytest.mark.parametrize("observation", ["pooled", "probe"])
+def test_other_observation_specs_train_and_predict(work, observation: str, images: torch.Tensor) -> None:
+    """A controller trained on a non-default observation is loaded with it, and ``predict`` builds that observation:
+    its choices are the policy's mode on that observation of each image, and its FLOPs add up."""
+    out, _ = train_controller(_cfg(work, work["root"] / f"run_{observation}", observation=observation), progress=False)
+    clf = AdaptiveClassifier.load(out)
+    assert clf.spec.name == observation
+    pred = clf.predict(images)
+    obs = clf.spec.compute(clf.backbone, clf.backbone.embed(images))
+    np.testing.assert_array_equal(pred.actions, choose_actions(clf.policy, obs))
+    for i in range(len(images)):
+        g, d, w = pred.settings[i]
+        torch.testing.assert_close(pred.logits[i : i + 1], clf.backbone(images[i : i + 1], g, d, w), atol=1e-5,
+                                   rtol=1e-5)  # fmt: skip
+        assert pred.flops[i] == clf.backbone.flops(g, d, w) - clf.reused_flops[tuple(pred.actions[i])] + (
+            clf.controller_flops
+        )
+    if observation == "pooled":  # no probe setting runs, so nothing is reused
+        assert not clf.reused_flops.any()
+
+
 def test_reported_flops_are_what_predict_runs(run: Path, images: torch.Tensor) -> None:
     """FlopCounterMode over adaptive inference (probe reuse, early exit, policy net) matches the reported FLOPs."""
     clf = AdaptiveClassifier.load(run)

@@ -17,6 +17,7 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
+from PIL import Image
 from timm.optim import create_optimizer_v2
 
 import backbone.train as train_mod
@@ -257,7 +258,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_help() -> None:
     result = _cli("--help")
     assert result.returncode == 0, result.stderr
-    assert "--resume" in result.stdout and "key=value" in result.stdout
+    assert "--resume" in result.stdout and "key=value" in result.stdout and "--image-folder" in result.stdout
 
 
 def test_cli_unknown_option_is_a_one_line_error() -> None:
@@ -266,6 +267,34 @@ def test_cli_unknown_option_is_a_one_line_error() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error:") and "nope" in lines[0] and "valid options" in lines[0]
+
+
+def _image_folder(root: Path, classes: int, per_class: int = 8) -> Path:
+    """``root/class<c>/<i>.png``: 28x28 grayscale, the class readable from a bright bar's row."""
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.full((28, 28), 20, dtype=torch.uint8)
+            pixels[4 + 6 * c : 8 + 6 * c, i : i + 12] = 255
+            Image.fromarray(pixels.numpy(), "L").save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_cli_trains_on_an_image_folder(tmp_path: Path) -> None:
+    root = _image_folder(tmp_path / "images", classes=3)
+    common = ("--image-folder", str(root), "model=adaperceiver_test", "epochs=1", "batch_size=8")
+    result = _cli(*common, "model_overrides.num_classes=3", "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    model = load_backbone(tmp_path / "run" / "backbone.safetensors")
+    assert model.cfg.num_classes == 3
+    assert model.checkpoint_info["classes"] == ["class0", "class1", "class2"]
+    assert model.checkpoint_info["steps"] == 3  # 24 images / batch 8: nothing dropped or added
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["image_folder"] == str(root)
+    # a class count the model cannot output is refused with the fix in the message
+    bad = _cli(*common, "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and "has 3 classes" in lines[0] and "model_overrides.num_classes=3" in lines[0], bad.stderr
 
 
 def test_train_step_benchmark_writes_both_precisions(tmp_path: Path) -> None:
