@@ -199,12 +199,7 @@ class AdaPerceiver(nn.Module):
         widths = np.asarray(widths)
         if widths.shape != (latents.shape[0],):
             raise ValueError(f"need one width per row ({latents.shape[0]}), got shape {widths.shape}")
-        distinct = np.unique(widths)
-        for w in distinct:
-            self.resolve_setting(latents.shape[1], None, int(w))
-        one = len(distinct) == 1
-        hidden = self.cfg.hidden_dim(int(distinct[0])) if one else self._hidden(widths.tolist(), len(widths))
-        return self.blocks[index](latents, self.rope, self._latent_mask(latents.shape[1]), hidden)
+        return self.forward_blocks(latents, index, index + 1, widths.tolist())
 
     def _latent_mask(self, g: int) -> torch.Tensor | None:
         """Block-causal mask over ``g`` latents; with one granularity in play every latent sees all g others."""

@@ -169,8 +169,7 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         torch.manual_seed(_step_seed(cfg.seed, step))  # all randomness of this step
         x = images[idx]
         x = (random_shift_flip(x) if cfg.augment else x).float() / 255.0
-        # one width per sample; sorted so each width's group is contiguous (the batch order is random anyway)
-        w = widths[torch.randint(len(widths), (len(idx),))].sort().values
+        w = sample_widths(widths, len(idx))
         scheduler.step_update(num_updates=step)
         loss = train_step(model, optimizer, x, labels[idx], w, use_bf16, cfg.label_smoothing, cfg.grad_clip)
         if loss is None:
@@ -233,6 +232,15 @@ def _load_training_data(cfg: TrainConfig, model: AdaPerceiver) -> ImageDataset:
             f"add model_overrides.num_classes={len(data.classes)}"
         )
     return data
+
+
+def sample_widths(widths: torch.Tensor, n: int) -> torch.Tensor:
+    """One FFN width per sample, drawn uniformly from ``widths`` with torch's global RNG.
+
+    Sorted, so each width's samples form one contiguous group for the MLP (no gather/scatter); the batch order is
+    random anyway, so which sample gets which width stays random.
+    """
+    return widths[torch.randint(len(widths), (n,))].sort().values
 
 
 def train_step(

@@ -15,7 +15,6 @@ for the cores.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -27,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
 from backbone import AdaPerceiver, create_model, load_backbone
+from backbone.checkpoint import write_json
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -144,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- smallest setting: {speedup:.1f}x faster than full for {flops_ratio:.1f}x fewer FLOPs "
           f"(speedup / FLOPs ratio = {summary['speedup_over_flops_ratio']:.2f})")  # fmt: skip
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(args.json, summary)
         print(f"\nwrote {args.json}")
     return 0
 

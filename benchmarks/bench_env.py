@@ -15,7 +15,6 @@ Run it on an otherwise idle machine for numbers worth reporting.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -29,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
 from backbone import DEFAULT_BACKBONE, AdaPerceiver, create_model, load_backbone
+from backbone.checkpoint import write_json
 from backbone.data import SPLITS, load_split
 from envs import AdaPerceiverComputeEnv, OutcomeTable, load_or_build
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(2) table-mode single env: {median:,.0f} env steps/s (reset+step; median of {args.repeats} x "
           f"{args.steps:,} steps: {', '.join(f'{r:,.0f}' for r in rates)}) = {1e6 / median:.1f} us/step")  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        write_json(args.json, results, indent=1)
         print(f"wrote {args.json}")
     return 0
 

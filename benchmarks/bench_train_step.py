@@ -14,7 +14,6 @@ step does not depend on them.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -27,7 +26,8 @@ from timm.optim import create_optimizer_v2
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
 from backbone import MODEL_NAMES, create_model
-from backbone.train import TrainConfig, native_bf16, train_step
+from backbone.checkpoint import write_json
+from backbone.train import TrainConfig, native_bf16, sample_widths, train_step
 
 
 def step_seconds(model_name: str, batch_size: int, bf16: bool, repeats: int) -> list[float]:
@@ -39,7 +39,7 @@ def step_seconds(model_name: str, batch_size: int, bf16: bool, repeats: int) -> 
     c = model.cfg
     x = torch.rand(batch_size, c.in_chans, c.img_size, c.img_size)
     y = torch.randint(c.num_classes, (batch_size,))
-    widths = torch.tensor(c.widths)[torch.randint(len(c.widths), (batch_size,))].sort().values  # as the training loop
+    widths = sample_widths(torch.tensor(c.widths), batch_size)
     times = []
     for i in range(repeats + 1):
         t = time.perf_counter()
@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     result["bf16_over_fp32_time"] = ratio
     print(f"bf16 autocast takes {ratio:.2f}x the fp32 step time; native bf16 on this CPU: {result['native_bf16']}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

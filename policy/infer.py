@@ -10,7 +10,6 @@ inverting (--invert) to look like the training data.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from backbone.checkpoint import write_json
 from backbone.data import FASHION_MNIST_CLASSES, IMAGE_SUFFIXES
 from policy.adaptive import AdaptiveClassifier
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{full / 1e6:.2f} for the full setting ({1 - mean / full:.1%} saved)"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows, indent=1)
     return 0
 
 

@@ -59,6 +59,8 @@ class MatryoshkaMlp(nn.Module):
             order = torch.argsort(hidden, stable=True)
             x, hidden = x[order], hidden[order]
         sizes, counts = torch.unique_consecutive(hidden, return_counts=True)
+        if len(sizes) == 1:
+            return self(x, int(sizes[0]))
         groups = x.split(counts.tolist())
         y = torch.cat([self(group, int(h)) for group, h in zip(groups, sizes.tolist(), strict=True)])
         return y if order is None else y[torch.argsort(order)]
