@@ -32,6 +32,7 @@ from backbone.evaluate import accuracy_grid
 from backbone.factory import create_model
 from backbone.model import AdaPerceiver
 from backbone.settings_io import build_dataclass, dump_yaml, load_yaml, merge, parse_overrides
+from backbone.teacher import distill_targets, load_teacher, save_teacher, train_teacher
 
 
 @dataclass
@@ -51,6 +52,9 @@ class TrainConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     grad_clip: float = 1.0  # max global grad norm (0 = off)
     augment: bool = False  # random shift by up to 2 px + horizontal flip (slows fitting; off by default)
+    distill_weight: float = 0.0  # share of each loss term given to KL towards a CNN teacher (0 = plain CE)
+    distill_temperature: float = 2.0  # softmax temperature of the distillation term
+    teacher_epochs: int = 8  # epochs of the CNN teacher trained first when distill_weight > 0 (backbone.teacher)
     bf16: bool = True  # bf16 autocast where the CPU has native bf16 (AVX512-BF16/AMX; ~15% faster), else fp32
     seed: int = 0  # seeds model init, data order, widths and augmentation
     num_threads: int = 0  # torch intra-op threads (0 = torch's default)
@@ -63,17 +67,31 @@ class TrainConfig:
     wandb_project: str = "adaperceiver-rl"
 
 
-def joint_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean over granularities of the depth-weighted CE: ``sum_l l * CE(k, l) / sum_l l`` (logits ``(B,K,L,C)``)."""
+def joint_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_smoothing: float = 0.0,
+    teacher_logits: torch.Tensor | None = None,
+    distill_weight: float = 0.0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Mean over granularities of the depth-weighted loss: ``sum_l l * loss(k, l) / sum_l l`` (logits ``(B,K,L,C)``).
+
+    ``loss`` is the cross-entropy, or with ``teacher_logits`` ``(B, C)`` the distillation mix
+    ``(1 - a) * CE + a * T^2 * KL(teacher_T || student_T)`` (Hinton et al.; a = distill_weight, T = temperature).
+    """
     b, k, depth, c = logits.shape
-    ce = F.cross_entropy(
-        logits.float().reshape(-1, c),
-        labels.repeat_interleave(k * depth),
-        label_smoothing=label_smoothing,
-        reduction="none",
+    flat = logits.float().reshape(-1, c)
+    per = F.cross_entropy(
+        flat, labels.repeat_interleave(k * depth), label_smoothing=label_smoothing, reduction="none"
     ).view(b, k, depth)
-    weights = torch.arange(1, depth + 1, dtype=ce.dtype, device=ce.device)
-    return (ce.mean(dim=(0, 1)) * weights).sum() / weights.sum()
+    if teacher_logits is not None and distill_weight > 0:
+        target = F.log_softmax(teacher_logits.float() / temperature, dim=-1).repeat_interleave(k * depth, dim=0)
+        student = F.log_softmax(flat / temperature, dim=-1)
+        kl = F.kl_div(student, target, log_target=True, reduction="none").sum(-1).view(b, k, depth)
+        per = (1 - distill_weight) * per + distill_weight * temperature**2 * kl
+    weights = torch.arange(1, depth + 1, dtype=per.dtype, device=per.device)
+    return (per.mean(dim=(0, 1)) * weights).sum() / weights.sum()
 
 
 def random_shift_flip(images: torch.Tensor, max_shift: int = 2) -> torch.Tensor:
@@ -87,6 +105,8 @@ def random_shift_flip(images: torch.Tensor, max_shift: int = 2) -> torch.Tensor:
     flip = torch.rand(b) < 0.5
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
+
+TEACHER_FILE = "teacher.safetensors"
 
 # options that shape the optimisation trajectory: a resumed run must use the saved values
 _SCHEDULE_KEYS = (
@@ -103,6 +123,9 @@ _SCHEDULE_KEYS = (
     "label_smoothing",
     "grad_clip",
     "augment",
+    "distill_weight",
+    "distill_temperature",
+    "teacher_epochs",
     "bf16",
     "seed",
     "limit_train",
@@ -117,6 +140,10 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
     """Run (or resume) joint training; returns a summary dict. ``data`` replaces the named split (tests)."""
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
+    if not 0.0 <= cfg.distill_weight < 1.0:
+        raise ValueError(f"distill_weight must be in [0, 1), got {cfg.distill_weight}")
+    if cfg.distill_temperature <= 0:
+        raise ValueError(f"distill_temperature must be > 0, got {cfg.distill_temperature}")
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **cfg.model_overrides)
@@ -152,6 +179,13 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         held_out = load_split("policy-train", cfg.data_dir).subset(cfg.monitor_samples)
         monitor = (held_out.as_float(), held_out.labels)
 
+    teacher, teacher_wall_s = None, 0.0
+    if cfg.distill_weight > 0:
+        teacher, teacher_wall_s = _teacher(cfg, model, data, out, resume)
+        if monitor is not None:
+            acc = (distill_targets(teacher, monitor[0]).argmax(-1) == monitor[1]).float().mean().item()
+            print(f"teacher: held-out accuracy {acc:.4f}, trained in {teacher_wall_s:.0f} s", file=sys.stderr)
+
     use_bf16 = cfg.bf16 and native_bf16()
     if cfg.bf16 and not use_bf16:
         print("note: this CPU has no native bf16 (AVX512-BF16/AMX); training in fp32", file=sys.stderr)
@@ -171,7 +205,9 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         x = (random_shift_flip(x) if cfg.augment else x).float() / 255.0
         w = sample_widths(widths, len(idx))
         scheduler.step_update(num_updates=step)
-        loss = train_step(model, optimizer, x, labels[idx], w, use_bf16, cfg.label_smoothing, cfg.grad_clip)
+        soft = distill_targets(teacher, x) if teacher is not None else None
+        loss = train_step(model, optimizer, x, labels[idx], w, use_bf16, cfg.label_smoothing, cfg.grad_clip,
+                          soft, cfg.distill_weight, cfg.distill_temperature)  # fmt: skip
         if loss is None:
             raise FloatingPointError(f"loss is not finite at step {step}; lower the learning rate")
         step += 1
@@ -203,6 +239,8 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         "train_config": dataclasses.asdict(cfg),
         "steps": step,
         "train_wall_s": round(elapsed, 1),
+        "teacher_wall_s": round(teacher_wall_s, 1),
+        "total_wall_s": round(elapsed + teacher_wall_s, 1),
         "precision": "bf16" if use_bf16 else "fp32",
         "classes": data.classes,
         "torch": torch.__version__,
@@ -216,6 +254,7 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         "sha256": sha,
         "steps": step,
         "wall_s": elapsed,
+        "teacher_wall_s": teacher_wall_s,
         "final_loss": loss_ema,
     }
 
@@ -252,6 +291,9 @@ def train_step(
     bf16: bool,
     label_smoothing: float = 0.0,
     grad_clip: float = 0.0,
+    teacher_logits: torch.Tensor | None = None,
+    distill_weight: float = 0.0,
+    temperature: float = 1.0,
 ) -> torch.Tensor | None:
     """One optimizer step on the joint loss of a batch; returns the loss, or None (no update) if it is not finite.
 
@@ -259,7 +301,7 @@ def train_step(
     """
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = model.forward_all(x, width=widths)
-    loss = joint_loss(logits, labels, label_smoothing)
+    loss = joint_loss(logits, labels, label_smoothing, teacher_logits, distill_weight, temperature)
     if not torch.isfinite(loss):
         return None
     optimizer.zero_grad(set_to_none=True)
@@ -268,6 +310,19 @@ def train_step(
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return loss
+
+
+def _teacher(cfg: TrainConfig, model: AdaPerceiver, data: ImageDataset, out: Path, resume: str | None):
+    """The distillation teacher, saved as ``out/teacher.safetensors``: the one next to ``resume``'s state file
+    when resuming (so a resumed run does not retrain it), else trained on the training data now.
+    Returns it and the seconds its training took."""
+    saved = Path(resume).parent / TEACHER_FILE if resume else None
+    if saved is not None and saved.is_file():
+        teacher, wall_s = load_teacher(model.cfg, saved)
+    else:
+        teacher, wall_s = train_teacher(model.cfg, data, cfg.teacher_epochs, seed=cfg.seed)
+    save_teacher(teacher, out / TEACHER_FILE, wall_s)
+    return teacher, wall_s
 
 
 def native_bf16() -> bool:

@@ -1,14 +1,15 @@
 """Seconds per joint-training step in fp32 and under bf16 autocast, on this machine.
 
     python benchmarks/bench_train_step.py [--model adaperceiver_fmnist] [--batch-size 256] [--repeats 3]
-                                          [--json results.json]
+                                          [--compile] [--json results.json]
 
 Why: bf16 autocast speeds training up only where the CPU has native bf16 kernels (AVX512-BF16/AMX); elsewhere it
 is emulated and much slower, which is why ``backbone.train`` falls back to fp32 there (``native_bf16``). This
 times the training loop's own ``backbone.train.train_step`` (``forward_all`` with a random width per sample,
 joint loss, backward, gradient clipping, AdamW; default training options) on a random batch both ways,
 ``--repeats`` steps each after one warm-up step, and prints the medians. Random weights and inputs: the cost of a
-step does not depend on them.
+step does not depend on them. ``--compile`` adds eager-vs-``torch.compile`` (fp32), the first thing to try for a
+faster loop.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from backbone.checkpoint import write_json
 from backbone.train import TrainConfig, native_bf16, sample_widths, train_step
 
 
-def step_seconds(model_name: str, batch_size: int, bf16: bool, repeats: int) -> list[float]:
-    """Wall-clock seconds of ``repeats`` training steps (after one untimed warm-up step)."""
+def step_seconds(model_name: str, batch_size: int, bf16: bool, repeats: int, compile: bool = False) -> list[float]:
+    """Wall-clock seconds of ``repeats`` training steps (after one untimed warm-up step, which also compiles)."""
     torch.manual_seed(0)
     model = create_model(model_name).train()
+    if compile:
+        model.forward_all = torch.compile(model.forward_all)  # the training step's whole forward pass
     defaults = TrainConfig()
     optimizer = create_optimizer_v2(model, "adamw", lr=defaults.lr, weight_decay=defaults.weight_decay)
     c = model.cfg
@@ -55,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="adaperceiver_fmnist", choices=MODEL_NAMES, help="named model size")
     parser.add_argument("--batch-size", type=int, default=256, help="images per step (training default: 256)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per precision (median reported)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time fp32 steps with the forward pass under torch.compile (about 90 s to compile)",
+    )
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.repeats < 1:
@@ -69,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    for name, bf16 in (("fp32", False), ("bf16_autocast", True)):
-        times = step_seconds(args.model, args.batch_size, bf16, args.repeats)
+    variants = [("fp32", False, False), ("bf16_autocast", True, False)]
+    if args.compile:
+        variants.append(("fp32_compiled", False, True))
+    for name, bf16, compile in variants:
+        times = step_seconds(args.model, args.batch_size, bf16, args.repeats, compile)
         result[name] = {"step_s": times, "median_step_s": statistics.median(times),
                         "img_per_s": args.batch_size / statistics.median(times)}  # fmt: skip
         print(f"{name:14s} median {statistics.median(times):6.2f} s/step = {result[name]['img_per_s']:6.1f} img/s "
@@ -78,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     ratio = result["bf16_autocast"]["median_step_s"] / result["fp32"]["median_step_s"]
     result["bf16_over_fp32_time"] = ratio
     print(f"bf16 autocast takes {ratio:.2f}x the fp32 step time; native bf16 on this CPU: {result['native_bf16']}")
+    if args.compile:
+        result["compiled_over_fp32_time"] = result["fp32_compiled"]["median_step_s"] / result["fp32"]["median_step_s"]
+        print(f"torch.compile takes {result['compiled_over_fp32_time']:.2f}x the eager fp32 step time")
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")

@@ -31,15 +31,9 @@ STEPS_PER_EPOCH = N_IMAGES // BATCH
 
 
 @pytest.fixture(scope="module")
-def data() -> ImageDataset:
-    """Random uint8 images whose class is readable from a bright square's position (so there is a signal)."""
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 10, (N_IMAGES,), generator=g)
-    images = torch.randint(0, 60, (N_IMAGES, 1, 28, 28), generator=g, dtype=torch.uint8)
-    for i, y in enumerate(labels.tolist()):
-        r, c = divmod(y, 5)
-        images[i, 0, 4 + 10 * r : 10 + 10 * r, 2 + 5 * c : 6 + 5 * c] = 255
-    return ImageDataset(images, labels, [str(i) for i in range(10)], "synthetic")
+def data(square_images) -> ImageDataset:
+    """N_IMAGES noise images whose class is a bright square's position (conftest.square_images)."""
+    return square_images(N_IMAGES, seed=0)
 
 
 def _config(out: Path, **overrides) -> TrainConfig:
