@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,7 +66,7 @@ class TrainConfig:
     out: str = "runs/backbone_fmnist"  # run folder: config.yaml, train_state.pt, log.jsonl, backbone.safetensors
     data_dir: str | None = None  # Fashion-MNIST folder (default: $ADAPERCEIVER_DATA_DIR or Debian's path)
     wandb: str = "disabled"  # disabled | offline | online
-    wandb_project: str = "adaperceiver-rl"
+    wandb_project: str = "adaperceiver-rl"  # Weights & Biases project of the run
 
 
 def joint_loss(
@@ -388,11 +390,28 @@ def build_config(config_path: str | None, overrides: list[str], **cli: Any) -> T
     return build_dataclass(TrainConfig, values, source=config_path or "options")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each flag, and the option list in the epilog kept one per line."""
+
+
+def _options_help() -> str:
+    """Every TrainConfig option with its default and the comment beside it in the source (for ``--help``)."""
+    lines = ["key=value options (TrainConfig; nested ones as model_overrides.FIELD=VALUE):"]
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+= (.+?)\s+# (.+)", line)
+        if m:
+            name, default, comment = m.groups()
+            default = default.replace("field(default_factory=dict)", "{}").strip('"')
+            lines.append(f"  {name}={default}: {comment}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m backbone.train",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=_options_help(),
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--config", default="configs/backbone_fmnist.yaml", help="YAML file of TrainConfig options")
     parser.add_argument("overrides", nargs="*", help="TrainConfig options as key=value (e.g. epochs=2 lr=1e-3)")

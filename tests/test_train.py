@@ -6,6 +6,7 @@ All runs use the tiny ``adaperceiver_test`` size on 512 synthetic images (8 step
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -253,6 +254,9 @@ def test_cli_help() -> None:
     result = _cli("--help")
     assert result.returncode == 0, result.stderr
     assert "--resume" in result.stdout and "key=value" in result.stdout and "--image-folder" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("  ") and "=" in line]
+    listed = [row.split("=")[0].strip() for row in rows]
+    assert set(listed) >= {f.name for f in dataclasses.fields(TrainConfig)}, "every TrainConfig option is listed"
 
 
 def test_cli_unknown_option_is_a_one_line_error() -> None:
