@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -98,13 +99,12 @@ def save_teacher(teacher: ConvTeacher, path: str | Path, wall_s: float) -> None:
 
 def load_teacher(cfg: AdaPerceiverConfig, path: str | Path) -> tuple[ConvTeacher, float]:
     """A teacher saved by :func:`save_teacher` for a student of config ``cfg``, in eval mode, and its wall seconds."""
-    from safetensors import safe_open
-
     teacher = ConvTeacher(cfg)
     try:
-        teacher.load_state_dict(load_file(str(path)))
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt") as f:  # one read: tensors and metadata
+            state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
             wall_s = float((f.metadata() or {}).get("wall_s", 0.0))
+        teacher.load_state_dict(state)
     except (RuntimeError, OSError) as e:  # shape mismatch, truncated file
         raise ValueError(f"{path} is not a teacher for this model ({e.__class__.__name__}: {e})") from None
     return teacher.eval(), wall_s

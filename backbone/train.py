@@ -194,6 +194,9 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
     run = _init_wandb(cfg, out)
     images, labels = data.images, data.labels
     widths = torch.tensor(model.cfg.widths)
+    teacher_logits = None  # of every training image, computed once when the images are not augmented
+    if teacher is not None and not cfg.augment:
+        teacher_logits = torch.cat([distill_targets(teacher, chunk.float() / 255.0) for chunk in images.split(1000)])
     log_file = (out / "log.jsonl").open("a")
     bar = tqdm(total=total_steps, initial=step, desc="joint training", unit="step", dynamic_ncols=True)
     t_last, loss_ema = time.perf_counter(), None
@@ -207,7 +210,9 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         x = (random_shift_flip(x) if cfg.augment else x).float() / 255.0
         w = sample_widths(widths, len(idx))
         scheduler.step_update(num_updates=step)
-        soft = distill_targets(teacher, x) if teacher is not None else None
+        soft = None
+        if teacher is not None:
+            soft = teacher_logits[idx] if teacher_logits is not None else distill_targets(teacher, x)
         loss = train_step(model, optimizer, x, labels[idx], w, use_bf16, cfg.label_smoothing, cfg.grad_clip,
                           soft, cfg.distill_weight, cfg.distill_temperature)  # fmt: skip
         if loss is None:
@@ -318,12 +323,15 @@ def _teacher(cfg: TrainConfig, model: AdaPerceiver, data: ImageDataset, out: Pat
     """The distillation teacher, saved as ``out/teacher.safetensors``: the one next to ``resume``'s state file
     when resuming (so a resumed run does not retrain it), else trained on the training data now.
     Returns it and the seconds its training took."""
+    path = out / TEACHER_FILE
     saved = Path(resume).parent / TEACHER_FILE if resume else None
     if saved is not None and saved.is_file():
         teacher, wall_s = load_teacher(model.cfg, saved)
+        if saved.resolve() == path.resolve():
+            return teacher, wall_s
     else:
         teacher, wall_s = train_teacher(model.cfg, data, cfg.teacher_epochs, seed=cfg.seed)
-    save_teacher(teacher, out / TEACHER_FILE, wall_s)
+    save_teacher(teacher, path, wall_s)
     return teacher, wall_s
 
 

@@ -134,3 +134,19 @@ def test_distilled_run_saves_its_teacher_and_resume_reuses_it(data: ImageDataset
 def test_bad_distillation_options_are_refused(data: ImageDataset, tmp_path: Path, key, value, message) -> None:
     with pytest.raises(ValueError, match=message):
         train(_config(tmp_path / "bad", **{key: value}), data=data)
+
+
+def test_distillation_with_augmentation_scores_the_augmented_batch(data: ImageDataset, tmp_path: Path, monkeypatch):
+    """Without augmentation the teacher scores every image once; with it, each step's shifted/flipped batch."""
+    calls: list[int] = []
+
+    def counting(teacher, x):
+        calls.append(len(x))
+        return distill_targets(teacher, x)
+
+    monkeypatch.setattr(train_mod, "distill_targets", counting)
+    train(_config(tmp_path / "plain_images"), data=data)
+    assert calls == [N_IMAGES]  # one pass over the (small) training set, before the first step
+    calls.clear()
+    summary = train(_config(tmp_path / "augmented", augment=True), data=data)
+    assert calls == [BATCH] * (N_IMAGES // BATCH) and summary["final_loss"] > 0
