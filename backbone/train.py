@@ -53,6 +53,7 @@ class TrainConfig:
     weight_decay: float = 0.05  # AdamW decay (not applied to norms, biases, LayerScale: timm's default)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     grad_clip: float = 1.0  # max global grad norm (0 = off)
+    loss_settings: str = "all"  # all = joint training; full = the largest setting only (measures what joint costs)
     augment: bool = False  # random shift by up to 2 px + horizontal flip (slows fitting; off by default)
     distill_weight: float = 0.0  # share of each loss term given to KL towards a CNN teacher (0 = plain CE)
     distill_temperature: float = 2.0  # softmax temperature of the distillation term
@@ -124,6 +125,7 @@ _SCHEDULE_KEYS = (
     "weight_decay",
     "label_smoothing",
     "grad_clip",
+    "loss_settings",
     "augment",
     "distill_weight",
     "distill_temperature",
@@ -144,6 +146,8 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         torch.set_num_threads(cfg.num_threads)
     if not 0.0 <= cfg.distill_weight < 1.0:
         raise ValueError(f"distill_weight must be in [0, 1), got {cfg.distill_weight}")
+    if cfg.loss_settings not in ("all", "full"):
+        raise ValueError(f"loss_settings must be 'all' (joint training) or 'full', got {cfg.loss_settings!r}")
     if cfg.distill_temperature <= 0:
         raise ValueError(f"distill_temperature must be > 0, got {cfg.distill_temperature}")
     out = Path(cfg.out)
@@ -208,7 +212,7 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         torch.manual_seed(_step_seed(cfg.seed, step))  # all randomness of this step
         x = images[idx]
         x = (random_shift_flip(x) if cfg.augment else x).float() / 255.0
-        w = sample_widths(widths, len(idx))
+        w = sample_widths(widths, len(idx)) if cfg.loss_settings == "all" else None
         scheduler.step_update(num_updates=step)
         soft = None
         if teacher is not None:
@@ -294,7 +298,7 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
     labels: torch.Tensor,
-    widths: torch.Tensor,
+    widths: torch.Tensor | None,
     bf16: bool,
     label_smoothing: float = 0.0,
     grad_clip: float = 0.0,
@@ -304,10 +308,13 @@ def train_step(
 ) -> torch.Tensor | None:
     """One optimizer step on the joint loss of a batch; returns the loss, or None (no update) if it is not finite.
 
+    ``widths`` (one per sample) trains every setting; ``None`` trains the largest setting alone (plain cross-entropy
+    of ``model(x)``, the reference that shows what sharing the weights across settings costs).
+
     Shared by the training loop and ``benchmarks/bench_train_step.py``, so the benchmark times the real step.
     """
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logits = model.forward_all(x, width=widths)
+        logits = model.forward_all(x, width=widths) if widths is not None else model(x)[:, None, None]
     loss = joint_loss(logits, labels, label_smoothing, teacher_logits, distill_weight, temperature)
     if not torch.isfinite(loss):
         return None

@@ -78,6 +78,31 @@ def test_optimizer_steps_lower_joint_loss_on_a_fixed_batch(data: ImageDataset) -
     assert after < before - 0.05, f"joint loss {before:.4f} -> {after:.4f}"
 
 
+def test_full_only_step_is_cross_entropy_of_the_largest_setting(data: ImageDataset) -> None:
+    """``widths=None`` (loss_settings=full) trains the largest setting alone: its loss is CE of ``model(x)``."""
+    torch.manual_seed(0)
+    model = create_model("adaperceiver_test").train()
+    optimizer = create_optimizer_v2(model, "adamw", lr=2e-3, weight_decay=0.05)
+    x, y = data.as_float()[:BATCH], data.labels[:BATCH]
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(x), y).item()
+    loss = train_mod.train_step(model, optimizer, x, y, None, bf16=False)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    for _ in range(4):
+        train_mod.train_step(model, optimizer, x, y, None, bf16=False)
+    with torch.no_grad():
+        after = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert after < expected - 0.05, f"full-setting loss {expected:.4f} -> {after:.4f}"
+
+
+def test_full_only_run_trains_and_bad_loss_settings_is_refused(data: ImageDataset, tmp_path: Path) -> None:
+    summary = train(_config(tmp_path / "full", loss_settings="full"), data=data)
+    assert summary["steps"] == STEPS_PER_EPOCH
+    assert load_backbone(summary["backbone"]).checkpoint_info["train_config"]["loss_settings"] == "full"
+    with pytest.raises(ValueError, match=r"loss_settings must be 'all' \(joint training\) or 'full', got 'some'"):
+        train(_config(tmp_path / "bad", loss_settings="some"), data=data)
+
+
 # --- a run and its outputs -----------------------------------------------------------------------------------------
 
 
