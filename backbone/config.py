@@ -26,6 +26,7 @@ class AdaPerceiverConfig:
     patch_size: int = 4  # side of one patch; the patch grid is (img_size / patch_size)^2
     stem: Literal["patch", "conv"] = "conv"  # "patch": one conv k=s=patch; "conv": 3x3 convs + GELU, conv to patch
     stem_dims: tuple[int, ...] = (32,)  # channels of the "conv" stem's 3x3 convs (first one stride 2)
+    patch_context_kernel: int = 0  # odd k: add a depthwise k x k conv over the patch grid to the tokens; 0 = none
     # --- latent transformer ------------------------------------------------------------------------------------
     embed_dim: int = 128  # D: width of latents, patches and the residual stream
     num_heads: int = 4  # attention heads (head dim = D / heads, must be even for RoPE)
@@ -62,6 +63,9 @@ class AdaPerceiverConfig:
             raise ValueError(f"the conv stem needs an even patch_size >= 2, got {self.patch_size}")
         if self.stem == "conv" and (not self.stem_dims or min(self.stem_dims) < 1):
             raise ValueError(f"stem_dims must be a non-empty list of positive channel counts, got {self.stem_dims}")
+        k = self.patch_context_kernel
+        if k < 0 or (k and k % 2 == 0):
+            raise ValueError(f"patch_context_kernel must be 0 (none) or an odd positive kernel size, got {k}")
         if self.stem not in ("patch", "conv"):
             raise ValueError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:

@@ -36,9 +36,10 @@ def flops_breakdown(cfg: AdaPerceiverConfig, num_tokens: int, depth: int, width:
         embed += 2 * p * chans[-1] * (cfg.patch_size // 2) ** 2 * d
     else:
         embed = 2 * p * cfg.in_chans * cfg.patch_size**2 * d
+    embed += 2 * p * d * cfg.patch_context_kernel**2  # depthwise conv over the patch grid (0 when off)
     block = 6 * g * d * d + 4 * g * g * d + 2 * g * d * d + 4 * g * d * h  # qkv, attention, proj, MLP
     return {
-        "embed": embed,  # stem convolution(s)
+        "embed": embed,  # stem convolution(s) and patch context
         "read_kv": 4 * p * d * d,  # keys/values of all patches
         "read": 2 * g * d * d + 4 * g * p * d + 2 * g * d * d,  # latent queries, attention, out proj
         "blocks": depth * block,

@@ -2,7 +2,7 @@
 
 Data flow for one setting ``(g, d, w)``::
 
-    image -> normalise -> stem + pos-embed -> patches ----------------------(k, v)-----+
+    image -> normalise -> stem (+ patch context) + pos-embed -> patches ----(k, v)-----+
                                                                                        v
     learned latent x g (RoPE on the query side) --------------------------------> read cross-attn
     -> d blocks (block-causal self-attn, Matryoshka MLP at width w)
@@ -26,7 +26,7 @@ from torch import nn
 
 from backbone.config import AdaPerceiverConfig
 from backbone.flops import flops_breakdown
-from backbone.layers import Block, ConvStem, CrossAttention, RotaryEmbedding1d, block_causal_mask
+from backbone.layers import Block, ConvStem, CrossAttention, PatchContext, RotaryEmbedding1d, block_causal_mask
 
 Width = int | Sequence[int] | torch.Tensor | None
 
@@ -57,6 +57,8 @@ class AdaPerceiver(nn.Module):
             self.stem = ConvStem(cfg.img_size, cfg.patch_size, cfg.in_chans, d, cfg.stem_dims)
         else:
             self.stem = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, d)  # one conv, kernel = stride = patch
+        k = cfg.patch_context_kernel
+        self.patch_context = PatchContext(d, cfg.img_size // cfg.patch_size, k) if k else nn.Identity()
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, d))
         self.latent = nn.Parameter(torch.zeros(1, 1, d))  # one learned vector, repeated g times
         self.rope = RotaryEmbedding1d(cfg.head_dim, cfg.max_tokens, cfg.rope_theta)
@@ -139,7 +141,7 @@ class AdaPerceiver(nn.Module):
     def embed(self, x: torch.Tensor) -> PatchMemory:
         """Normalise, patchify and project the read's keys/values: the work every setting shares."""
         self.check_input(x)
-        tokens = self.stem((x - self.mean) / self.std) + self.pos_embed
+        tokens = self.patch_context(self.stem((x - self.mean) / self.std)) + self.pos_embed
         k, v = self.read.project_kv(tokens)
         return PatchMemory(tokens, k, v)
 

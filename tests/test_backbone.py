@@ -31,7 +31,7 @@ from backbone import (
 )
 from backbone.checkpoint import FORMAT, FORMAT_VERSION, METADATA_KEY
 from backbone.flops import SHARED_PARTS
-from backbone.layers import MatryoshkaMlp
+from backbone.layers import MatryoshkaMlp, PatchContext
 from backbone.train import joint_loss
 
 ATOL = 1e-5  # float32 tolerance for "the same computation, different kernels / masks"
@@ -262,6 +262,47 @@ def test_flops_breakdown_sums_and_shared_parts(fmnist: AdaPerceiver) -> None:
     # the shared parts do not depend on the setting
     other = flops_breakdown(fmnist.cfg, 32, 8, 128)
     assert all(parts[p] == other[p] for p in SHARED_PARTS)
+
+
+def test_flops_match_counter_with_patch_context() -> None:
+    torch.manual_seed(0)
+    m = create_model("adaperceiver_test", patch_context_kernel=3).eval()
+    for setting in [m.settings()[0], m.settings()[-1]]:
+        _assert_flops_match(m, setting)
+    assert m.flops() - create_model("adaperceiver_test").flops() == 2 * m.cfg.num_patches * m.cfg.embed_dim * 9
+
+
+def test_patch_context_mixes_only_neighbouring_patches() -> None:
+    """Changing one patch token changes the tokens of its k x k neighbourhood and no other (residual + depthwise)."""
+    torch.manual_seed(0)
+    ctx = PatchContext(dim=8, grid_size=5, kernel_size=3)
+    tokens = torch.randn(2, 25, 8)
+    bumped = tokens.clone()
+    bumped[:, 2 * 5 + 1] += 1.0  # row 2, column 1 of the 5x5 grid
+    with torch.no_grad():
+        changed = (ctx(bumped) - ctx(tokens)).abs().amax(dim=(0, 2)).view(5, 5) > 1e-6
+    expected = torch.zeros(5, 5, dtype=torch.bool)
+    expected[1:4, 0:3] = True
+    assert torch.equal(changed, expected)
+    with torch.no_grad():
+        ctx.conv.weight.zero_()
+        ctx.conv.bias.zero_()
+    torch.testing.assert_close(ctx(tokens), tokens)  # a zero convolution leaves the tokens as they are
+
+
+def test_patch_context_runs_in_fp32_under_bf16_autocast() -> None:
+    m = create_model("adaperceiver_test", patch_context_kernel=3)
+    tokens = torch.randn(2, m.cfg.num_patches, m.cfg.embed_dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.patch_context(tokens)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, m.patch_context(tokens))
+
+
+@pytest.mark.parametrize("kernel", [-1, 2, 4])
+def test_bad_patch_context_kernel_is_refused(kernel: int) -> None:
+    with pytest.raises(ValueError, match="patch_context_kernel must be 0"):
+        create_model("adaperceiver_test", patch_context_kernel=kernel)
 
 
 # --- 4. joint-training gradients -----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from backbone.layers.attention import CrossAttention, SelfAttention
 from backbone.layers.block import Block
 from backbone.layers.masks import block_causal_mask
 from backbone.layers.mlp import MatryoshkaMlp
+from backbone.layers.patch_context import PatchContext
 from backbone.layers.rope import RotaryEmbedding1d
 from backbone.layers.stem import ConvStem
 
@@ -12,6 +13,7 @@ __all__ = [
     "ConvStem",
     "CrossAttention",
     "MatryoshkaMlp",
+    "PatchContext",
     "RotaryEmbedding1d",
     "SelfAttention",
     "block_causal_mask",
