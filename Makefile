@@ -46,6 +46,7 @@ bench: install
 RESULTS := docs/results
 results: install
 	$(PY) -m backbone.evaluate --split test
+	$(PY) -m backbone.read_attention --json $(RESULTS)/read_attention_test.json
 	rm -rf runs/p0.3 runs/p0.01 runs/ablation
 	$(PY) train_policy.py --flops-penalty 0.3 --out runs/p0.3
 	$(PY) train_policy.py --flops-penalty 0.01 --out runs/p0.01

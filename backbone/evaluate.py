@@ -171,7 +171,7 @@ def _plot(rows: list[dict], meta: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _display_path(path: str) -> str:
+def display_path(path: str) -> str:
     """Repo-relative when possible, so committed reports do not name one machine's folders."""
     try:
         return str(Path(path).resolve().relative_to(Path.cwd()))
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = {
-        "checkpoint": _display_path(args.checkpoint),
+        "checkpoint": display_path(args.checkpoint),
         "sha256": model.checkpoint_sha256,
         "split": args.split,
         "samples": len(data),
