@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,7 +26,8 @@ class AdaPerceiverConfig:
     # --- input adapter -----------------------------------------------------------------------------------------
     patch_size: int = 4  # side of one patch; the patch grid is (img_size / patch_size)^2
     stem: Literal["patch", "conv"] = "conv"  # "patch": one conv k=s=patch; "conv": 3x3 convs + GELU, conv to patch
-    stem_dims: tuple[int, ...] = (32,)  # channels of the "conv" stem's 3x3 convs (first one stride 2)
+    stem_dims: tuple[int, ...] = (32,)  # channels of the "conv" stem's 3x3 convs
+    stem_strides: tuple[int, ...] = ()  # stride of each of those convs; () = 2 for the first, 1 for the rest
     patch_context_kernel: int = 0  # odd k: add a depthwise k x k conv over the patch grid to the tokens; 0 = none
     # --- latent transformer ------------------------------------------------------------------------------------
     embed_dim: int = 128  # D: width of latents, patches and the residual stream
@@ -44,7 +46,7 @@ class AdaPerceiverConfig:
 
     def __post_init__(self) -> None:
         # normalise lists (from YAML/JSON) to tuples so configs compare and hash by value
-        for name in ("mean", "std", "token_granularities", "widths", "stem_dims"):
+        for name in ("mean", "std", "token_granularities", "widths", "stem_dims", "stem_strides"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         self.validate()
 
@@ -59,10 +61,15 @@ class AdaPerceiverConfig:
             raise ValueError(f"embed_dim={self.embed_dim} / num_heads={self.num_heads} must be an even integer")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size={self.img_size} must be divisible by patch_size={self.patch_size}")
-        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size % 2):
-            raise ValueError(f"the conv stem needs an even patch_size >= 2, got {self.patch_size}")
         if self.stem == "conv" and (not self.stem_dims or min(self.stem_dims) < 1):
             raise ValueError(f"stem_dims must be a non-empty list of positive channel counts, got {self.stem_dims}")
+        if self.stem == "conv":
+            strides = self.conv_stem_strides
+            if len(strides) != len(self.stem_dims) or min(strides) < 1 or self.patch_size % math.prod(strides):
+                raise ValueError(
+                    f"stem_strides needs one positive stride per stem_dims entry ({len(self.stem_dims)}) whose "
+                    f"product divides patch_size={self.patch_size}, got {self.stem_strides}"
+                )
         k = self.patch_context_kernel
         if k < 0 or (k and k % 2 == 0):
             raise ValueError(f"patch_context_kernel must be 0 (none) or an odd positive kernel size, got {k}")
@@ -81,6 +88,11 @@ class AdaPerceiverConfig:
     @property
     def num_patches(self) -> int:
         return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def conv_stem_strides(self) -> tuple[int, ...]:
+        """Stride of each 3x3 conv of the conv stem (``stem_strides``, or 2 then 1s when it is empty)."""
+        return self.stem_strides or (2,) + (1,) * (len(self.stem_dims) - 1)
 
     @property
     def head_dim(self) -> int:

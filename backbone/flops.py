@@ -11,7 +11,7 @@ over-estimate for larger batches.
 
 from __future__ import annotations
 
-import itertools
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,9 +31,12 @@ def flops_breakdown(cfg: AdaPerceiverConfig, num_tokens: int, depth: int, width:
     g, d, p, c = num_tokens, cfg.embed_dim, cfg.num_patches, cfg.num_classes
     h = cfg.hidden_dim(width)
     if cfg.stem == "conv":
-        half, chans = (cfg.img_size // 2) ** 2, (cfg.in_chans, *cfg.stem_dims)
-        embed = sum(2 * half * 9 * c_in * c_out for c_in, c_out in itertools.pairwise(chans))
-        embed += 2 * p * chans[-1] * (cfg.patch_size // 2) ** 2 * d
+        embed, side, strides = 0, cfg.img_size, cfg.conv_stem_strides
+        for c_in, c_out, stride in zip((cfg.in_chans, *cfg.stem_dims[:-1]), cfg.stem_dims, strides, strict=True):
+            side = -(-side // stride)  # output side of a padded 3x3 conv
+            embed += 2 * side * side * 9 * c_in * c_out
+        rest = cfg.patch_size // math.prod(strides)
+        embed += 2 * p * cfg.stem_dims[-1] * rest**2 * d
     else:
         embed = 2 * p * cfg.in_chans * cfg.patch_size**2 * d
     embed += 2 * p * d * cfg.patch_context_kernel**2  # depthwise conv over the patch grid (0 when off)

@@ -54,7 +54,7 @@ class AdaPerceiver(nn.Module):
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
         if cfg.stem == "conv":
-            self.stem = ConvStem(cfg.img_size, cfg.patch_size, cfg.in_chans, d, cfg.stem_dims)
+            self.stem = ConvStem(cfg.img_size, cfg.patch_size, cfg.in_chans, d, cfg.stem_dims, cfg.conv_stem_strides)
         else:
             self.stem = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, d)  # one conv, kernel = stride = patch
         k = cfg.patch_context_kernel

@@ -9,6 +9,7 @@ a few seconds.
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import numpy as np
@@ -303,6 +304,33 @@ def test_patch_context_runs_in_fp32_under_bf16_autocast() -> None:
 def test_bad_patch_context_kernel_is_refused(kernel: int) -> None:
     with pytest.raises(ValueError, match="patch_context_kernel must be 0"):
         create_model("adaperceiver_test", patch_context_kernel=kernel)
+
+
+@pytest.mark.parametrize("dims, strides", [((8, 8), (2, 2)), ((8, 8, 8), (1, 2, 1)), ((8,), (4,))])
+def test_conv_stem_strides_keep_the_patch_grid_and_flops_match(dims, strides) -> None:
+    """Strided stem convs take over downsampling from the projection; the grid and the FLOPs count still agree."""
+    torch.manual_seed(0)
+    m = create_model("adaperceiver_test", stem="conv", patch_size=4, stem_dims=dims, stem_strides=strides).eval()
+    x = torch.rand(2, 1, 28, 28)
+    assert m.stem(x).shape == (2, m.cfg.num_patches, m.cfg.embed_dim)
+    rest = 4 // math.prod(strides)
+    assert m.stem.proj.kernel_size == (rest, rest) and m.stem.proj.stride == (rest, rest)
+    for setting in [m.settings()[0], m.settings()[-1]]:
+        _assert_flops_match(m, setting)
+
+
+def test_default_conv_stem_strides_are_two_then_one() -> None:
+    implicit = create_model("adaperceiver_test", stem="conv", patch_size=4, stem_dims=(8, 8))
+    explicit = create_model("adaperceiver_test", stem="conv", patch_size=4, stem_dims=(8, 8), stem_strides=(2, 1))
+    assert implicit.cfg.conv_stem_strides == (2, 1)
+    assert [c.stride for c in implicit.stem.convs if isinstance(c, torch.nn.Conv2d)] == [(2, 2), (1, 1)]
+    assert implicit.flops() == explicit.flops()
+
+
+@pytest.mark.parametrize("strides", [(2,), (2, 2, 2), (0, 2), (2, 3)])
+def test_bad_conv_stem_strides_are_refused(strides) -> None:
+    with pytest.raises(ValueError, match="stem_strides needs one positive stride per stem_dims entry"):
+        create_model("adaperceiver_test", stem="conv", patch_size=4, stem_dims=(8, 8), stem_strides=strides)
 
 
 # --- 4. joint-training gradients -----------------------------------------------------------------------------------

@@ -1,13 +1,14 @@
 """Small convolutional stem: a cheap alternative to the single patch convolution for tiny images.
 
 DESIGN §2 allows a conv stem in place of the patch convolution if it measures better (the public code offers
-a ConvNeXt stem). Ours: a 3x3 stride-2 convolution to ``stem_dims[0]`` channels, then one 3x3 stride-1
-convolution per further entry of ``stem_dims`` (each followed by GELU), then a ``patch/2``-strided convolution to
-``embed_dim``, giving the same patch grid as ``timm.layers.PatchEmbed``.
+a ConvNeXt stem). Ours: one 3x3 convolution + GELU per entry of ``stem_dims`` (strides from ``stem_strides``,
+by default 2 for the first and 1 for the rest), then a convolution with kernel = stride = the downsampling still
+missing to the patch grid, to ``embed_dim``: the same patch grid as ``timm.layers.PatchEmbed``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -17,14 +18,22 @@ from torch import nn
 class ConvStem(nn.Module):
     """Image ``(B, C, H, W)`` -> patch tokens ``(B, (H/p)*(W/p), D)``."""
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, stem_dims: Sequence[int]) -> None:
+    def __init__(
+        self,
+        img_size: int,
+        patch_size: int,
+        in_chans: int,
+        embed_dim: int,
+        stem_dims: Sequence[int],
+        strides: Sequence[int],
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        for i, dim in enumerate(stem_dims):
-            layers += [nn.Conv2d(in_chans if i == 0 else stem_dims[i - 1], dim, 3, stride=2 if i == 0 else 1,
-                                 padding=1), nn.GELU()]  # fmt: skip
+        for c_in, c_out, stride in zip((in_chans, *stem_dims[:-1]), stem_dims, strides, strict=True):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.GELU()]
         self.convs = nn.Sequential(*layers)
-        self.proj = nn.Conv2d(stem_dims[-1], embed_dim, kernel_size=patch_size // 2, stride=patch_size // 2)
+        rest = patch_size // math.prod(strides)  # downsampling left for the projection
+        self.proj = nn.Conv2d(stem_dims[-1], embed_dim, kernel_size=rest, stride=rest)
         self.num_patches = (img_size // patch_size) ** 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
