@@ -61,9 +61,9 @@ class AdaPerceiverConfig:
             raise ValueError(f"embed_dim={self.embed_dim} / num_heads={self.num_heads} must be an even integer")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size={self.img_size} must be divisible by patch_size={self.patch_size}")
-        if self.stem == "conv" and (not self.stem_dims or min(self.stem_dims) < 1):
-            raise ValueError(f"stem_dims must be a non-empty list of positive channel counts, got {self.stem_dims}")
         if self.stem == "conv":
+            if not self.stem_dims or min(self.stem_dims) < 1:
+                raise ValueError(f"stem_dims must be a non-empty list of positive channel counts, got {self.stem_dims}")
             strides = self.conv_stem_strides
             if len(strides) != len(self.stem_dims) or min(strides) < 1 or self.patch_size % math.prod(strides):
                 raise ValueError(
