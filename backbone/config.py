@@ -29,8 +29,9 @@ class AdaPerceiverConfig:
     stem_dims: tuple[int, ...] = (32,)  # channels of the "conv" stem's 3x3 convs
     stem_strides: tuple[int, ...] = ()  # stride of each of those convs; () = 2 for the first, 1 for the rest
     patch_context_kernel: int = 0  # odd k: add a depthwise k x k conv over the patch grid to the tokens; 0 = none
+    patch_dim: int = 0  # width of the patch tokens the read attends over; 0 = embed_dim (narrower = cheaper read k/v)
     # --- latent transformer ------------------------------------------------------------------------------------
-    embed_dim: int = 128  # D: width of latents, patches and the residual stream
+    embed_dim: int = 128  # D: width of latents and the residual stream (and of patches unless patch_dim)
     num_heads: int = 4  # attention heads (head dim = D / heads, must be even for RoPE)
     depth: int = 8  # L: number of latent blocks = number of early-exit points
     ffn_ratio: float = 4.0  # MLP hidden = int(width * ffn_ratio) at FFN width `width`
@@ -70,6 +71,8 @@ class AdaPerceiverConfig:
                     f"stem_strides needs one positive stride per stem_dims entry ({len(self.stem_dims)}) whose "
                     f"product divides patch_size={self.patch_size}, got {self.stem_strides}"
                 )
+        if self.patch_dim < 0:
+            raise ValueError(f"patch_dim must be 0 (= embed_dim) or a positive token width, got {self.patch_dim}")
         k = self.patch_context_kernel
         if k < 0 or (k and k % 2 == 0):
             raise ValueError(f"patch_context_kernel must be 0 (none) or an odd positive kernel size, got {k}")
@@ -93,6 +96,11 @@ class AdaPerceiverConfig:
     def conv_stem_strides(self) -> tuple[int, ...]:
         """Stride of each 3x3 conv of the conv stem (``stem_strides``, or 2 then 1s when it is empty)."""
         return self.stem_strides or (2,) + (1,) * (len(self.stem_dims) - 1)
+
+    @property
+    def token_dim(self) -> int:
+        """Width of the patch tokens (``patch_dim``, or ``embed_dim`` when it is 0)."""
+        return self.patch_dim or self.embed_dim
 
     @property
     def head_dim(self) -> int:

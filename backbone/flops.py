@@ -28,7 +28,7 @@ SHARED_PARTS = ("embed", "read_kv")
 
 def flops_breakdown(cfg: AdaPerceiverConfig, num_tokens: int, depth: int, width: int) -> dict[str, int]:
     """FLOPs per image of each part of the forward pass at setting ``(num_tokens, depth, width)``."""
-    g, d, p, c = num_tokens, cfg.embed_dim, cfg.num_patches, cfg.num_classes
+    g, d, p, c, t = num_tokens, cfg.embed_dim, cfg.num_patches, cfg.num_classes, cfg.token_dim
     h = cfg.hidden_dim(width)
     if cfg.stem == "conv":
         embed, side, strides = 0, cfg.img_size, cfg.conv_stem_strides
@@ -36,14 +36,14 @@ def flops_breakdown(cfg: AdaPerceiverConfig, num_tokens: int, depth: int, width:
             side = -(-side // stride)  # output side of a padded 3x3 conv
             embed += 2 * side * side * 9 * c_in * c_out
         rest = cfg.patch_size // math.prod(strides)
-        embed += 2 * p * cfg.stem_dims[-1] * rest**2 * d
+        embed += 2 * p * cfg.stem_dims[-1] * rest**2 * t
     else:
-        embed = 2 * p * cfg.in_chans * cfg.patch_size**2 * d
-    embed += 2 * p * d * cfg.patch_context_kernel**2  # depthwise conv over the patch grid (0 when off)
+        embed = 2 * p * cfg.in_chans * cfg.patch_size**2 * t
+    embed += 2 * p * t * cfg.patch_context_kernel**2  # depthwise conv over the patch grid (0 when off)
     block = 6 * g * d * d + 4 * g * g * d + 2 * g * d * d + 4 * g * d * h  # qkv, attention, proj, MLP
     return {
         "embed": embed,  # stem convolution(s) and patch context
-        "read_kv": 4 * p * d * d,  # keys/values of all patches
+        "read_kv": 4 * p * t * d,  # keys/values of all patches
         "read": 2 * g * d * d + 4 * g * p * d + 2 * g * d * d,  # latent queries, attention, out proj
         "blocks": depth * block,
         "write": 2 * d * d + 4 * g * d * d + 4 * g * d + 2 * d * d,  # query, k/v of g latents, attention, proj

@@ -35,7 +35,7 @@ Width = int | Sequence[int] | torch.Tensor | None
 class PatchMemory:
     """What every setting shares for a batch: the patch tokens and the read's keys/values over them."""
 
-    tokens: torch.Tensor  # (B, P, D) patch embedding + position embedding
+    tokens: torch.Tensor  # (B, P, token_dim) patch embedding + position embedding
     k: torch.Tensor  # (B, heads, P, head_dim)
     v: torch.Tensor  # (B, heads, P, head_dim)
 
@@ -50,19 +50,19 @@ class AdaPerceiver(nn.Module):
     def __init__(self, cfg: AdaPerceiverConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        d = cfg.embed_dim
+        d, t = cfg.embed_dim, cfg.token_dim
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
         if cfg.stem == "conv":
-            self.stem = ConvStem(cfg.img_size, cfg.patch_size, cfg.in_chans, d, cfg.stem_dims, cfg.conv_stem_strides)
+            self.stem = ConvStem(cfg.img_size, cfg.patch_size, cfg.in_chans, t, cfg.stem_dims, cfg.conv_stem_strides)
         else:
-            self.stem = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, d)  # one conv, kernel = stride = patch
+            self.stem = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, t)  # one conv, kernel = stride = patch
         k = cfg.patch_context_kernel
-        self.patch_context = PatchContext(d, cfg.img_size // cfg.patch_size, k) if k else nn.Identity()
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, d))
+        self.patch_context = PatchContext(t, cfg.img_size // cfg.patch_size, k) if k else nn.Identity()
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, t))
         self.latent = nn.Parameter(torch.zeros(1, 1, d))  # one learned vector, repeated g times
         self.rope = RotaryEmbedding1d(cfg.head_dim, cfg.max_tokens, cfg.rope_theta)
-        self.read = CrossAttention(d, cfg.num_heads, rope_side="q", qkv_bias=cfg.qkv_bias)
+        self.read = CrossAttention(d, cfg.num_heads, rope_side="q", qkv_bias=cfg.qkv_bias, kv_dim=t)
         dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
         self.blocks = nn.ModuleList(
             Block(d, cfg.num_heads, cfg.ffn_ratio, cfg.qkv_bias, cfg.ls_init_values, dpr[i]) for i in range(cfg.depth)

@@ -6,9 +6,9 @@ already part of ``FLOPs(setting)``; :meth:`ObservationSpec.flops` counts only th
 
 Features:
 
-* ``pooled``: ``layer_norm(mean over patches of memory.tokens)`` without affine parameters, ``D`` values. Each
-  element of a unit-variance, zero-mean vector of length ``D`` is at most ``sqrt(D - 1)`` in magnitude, so the
-  bounds ``+-sqrt(D)`` hold exactly and need no clipping.
+* ``pooled``: ``layer_norm(mean over patches of memory.tokens)`` without affine parameters, ``D`` values (here ``D``
+  is the patch-token width ``cfg.token_dim``). Each element of a unit-variance, zero-mean vector of length ``D`` is
+  at most ``sqrt(D - 1)`` in magnitude, so the bounds ``+-sqrt(D)`` hold exactly and need no clipping.
 * ``probe``: top-1 probability, top-1 minus top-2 probability and entropy (nats) of the cheapest setting
   (fewest tokens, depth 1, narrowest width) run from the same memory, 3 values.
 """
@@ -62,7 +62,7 @@ def probe_stats(logits: torch.Tensor) -> torch.Tensor:
 
 def _pooled_flops(model: AdaPerceiver) -> int:
     cfg = model.cfg
-    return cfg.num_patches * cfg.embed_dim + 8 * cfg.embed_dim  # mean over patches + layer norm
+    return cfg.num_patches * cfg.token_dim + 8 * cfg.token_dim  # mean over patches + layer norm
 
 
 def _probe_flops(model: AdaPerceiver) -> int:
@@ -86,23 +86,23 @@ class ObservationSpec:
 
     def dim(self, model: AdaPerceiver) -> int:
         """Number of features ``F``."""
-        return model.cfg.embed_dim * self.pooled + len(PROBE_STATS) * self.probe
+        return model.cfg.token_dim * self.pooled + len(PROBE_STATS) * self.probe
 
     def feature_names(self, model: AdaPerceiver) -> list[str]:
         """One name per feature, in order (for logs and plots)."""
-        pooled = [f"pooled_{i}" for i in range(model.cfg.embed_dim)] if self.pooled else []
+        pooled = [f"pooled_{i}" for i in range(model.cfg.token_dim)] if self.pooled else []
         return pooled + (list(PROBE_STATS) if self.probe else [])
 
     def low(self, model: AdaPerceiver) -> np.ndarray:
         """Finite float32 lower bounds ``(F,)``."""
-        d = model.cfg.embed_dim
+        d = model.cfg.token_dim
         pooled = np.full(d, -math.sqrt(d), np.float32) if self.pooled else np.zeros(0, np.float32)
         probe = np.zeros(len(PROBE_STATS), np.float32) if self.probe else np.zeros(0, np.float32)
         return np.concatenate([pooled, probe]).astype(np.float32)
 
     def high(self, model: AdaPerceiver) -> np.ndarray:
         """Finite float32 upper bounds ``(F,)``: ``sqrt(D)``; probability 1, margin 1, entropy ``log C``."""
-        d, c = model.cfg.embed_dim, model.cfg.num_classes
+        d, c = model.cfg.token_dim, model.cfg.num_classes
         pooled = np.full(d, math.sqrt(d), np.float32) if self.pooled else np.zeros(0, np.float32)
         probe = np.array([1.0, 1.0, math.log(c)], np.float32) if self.probe else np.zeros(0, np.float32)
         return np.concatenate([pooled, probe]).astype(np.float32)

@@ -333,6 +333,30 @@ def test_bad_conv_stem_strides_are_refused(strides) -> None:
         create_model("adaperceiver_test", stem="conv", patch_size=4, stem_dims=(8, 8), stem_strides=strides)
 
 
+def test_narrow_patch_tokens_shrink_the_read_and_flops_match() -> None:
+    """``patch_dim`` narrows the patch tokens; only the input adapter and the read's keys/values get cheaper."""
+    torch.manual_seed(0)
+    base = create_model("adaperceiver_test", stem="conv", patch_size=4, stem_dims=(8,), patch_context_kernel=3)
+    narrow = create_model(
+        "adaperceiver_test", stem="conv", patch_size=4, stem_dims=(8,), patch_context_kernel=3, patch_dim=16
+    ).eval()
+    assert base.cfg.token_dim == base.cfg.embed_dim == 32 and narrow.cfg.token_dim == 16
+    x = torch.rand(2, 1, 28, 28)
+    memory = narrow.embed(x)
+    assert memory.tokens.shape == (2, narrow.cfg.num_patches, 16)
+    assert memory.k.shape[-1] * narrow.cfg.num_heads == narrow.cfg.embed_dim  # keys/values still have width D
+    for setting in [narrow.settings()[0], narrow.settings()[-1]]:
+        _assert_flops_match(narrow, setting)
+    p, d, c = narrow.cfg.num_patches, narrow.cfg.embed_dim, narrow.cfg.stem_dims[-1]
+    saved = 4 * p * (d - 16) * d + 2 * p * c * 4 * (d - 16) + 2 * p * (d - 16) * 9  # read k/v, projection, context
+    assert base.flops() - narrow.flops() == saved
+
+
+def test_negative_patch_dim_is_refused() -> None:
+    with pytest.raises(ValueError, match="patch_dim must be 0"):
+        create_model("adaperceiver_test", patch_dim=-1)
+
+
 # --- 4. joint-training gradients -----------------------------------------------------------------------------------
 
 

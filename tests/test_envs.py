@@ -319,11 +319,22 @@ def test_observation_specs(model, dataset, name):
     assert (obs.numpy() >= low).all() and (obs.numpy() <= high).all()
     assert len(spec.feature_names(model)) == spec.dim(model)
     assert 0 < spec.flops(model) < min(model.flops(*s) for s in model.settings())
-    d, p = model.cfg.embed_dim, model.cfg.num_patches
+    d, p = model.cfg.token_dim, model.cfg.num_patches
     if name == "pooled":
         assert spec.flops(model) == p * d + 8 * d
     if name == "pooled_probe":
         assert spec.flops(model) == OBSERVATIONS["pooled"].flops(model) + OBSERVATIONS["probe"].flops(model)
+
+
+def test_pooled_observation_follows_the_patch_token_width():
+    """With narrow patch tokens (``patch_dim``) the pooled feature has ``patch_dim`` values, bounds and FLOPs."""
+    narrow = backbone.create_model("adaperceiver_test", patch_dim=16).eval()
+    spec = get_observation("pooled_probe")
+    with torch.no_grad():
+        obs = spec.compute(narrow, narrow.embed(torch.rand(4, 1, 28, 28)))
+    assert obs.shape == (4, 16 + 3) == (4, spec.dim(narrow))
+    assert (obs.numpy() >= spec.low(narrow)).all() and (obs.numpy() <= spec.high(narrow)).all()
+    assert get_observation("pooled").flops(narrow) == narrow.cfg.num_patches * 16 + 8 * 16
 
 
 def test_unknown_observation_lists_names():

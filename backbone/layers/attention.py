@@ -58,14 +58,21 @@ class CrossAttention(nn.Module):
     first ``g`` rows of those for all latents.
     """
 
-    def __init__(self, dim: int, num_heads: int, rope_side: Literal["q", "k"] | None, qkv_bias: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        rope_side: Literal["q", "k"] | None,
+        qkv_bias: bool = True,
+        kv_dim: int | None = None,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.rope_side = rope_side
         self.norm_q = nn.LayerNorm(dim)
-        self.norm_kv = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(kv_dim or dim)  # the source may be narrower (patch tokens, ``patch_dim``)
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.kv = nn.Linear(kv_dim or dim, 2 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def project_q(self, x_q: torch.Tensor, rope: RotaryEmbedding1d | None = None) -> torch.Tensor:
