@@ -2,9 +2,9 @@
 
 Data flow for one setting ``(g, d, w)``::
 
-    image -> normalise -> stem (+ patch context) + pos-embed -> patches ----(k, v)-----+
-                                                                                       v
-    learned latent x g (RoPE on the query side) --------------------------------> read cross-attn
+    image -> normalise -> stem (+ patch context) + pos-embed -> patches (width patch_dim) --(k, v)--+
+                                                                                                    v
+    learned latent x g (RoPE on the query side) --------------------------------------------------> read cross-attn
     -> d blocks (block-causal self-attn, Matryoshka MLP at width w)
     -> write: one learned output query cross-attends to the g latents (RoPE on keys) -> LN -> linear head
 

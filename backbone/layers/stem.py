@@ -3,7 +3,8 @@
 DESIGN §2 allows a conv stem in place of the patch convolution if it measures better (the public code offers
 a ConvNeXt stem). Ours: one 3x3 convolution + GELU per entry of ``stem_dims`` (strides from ``stem_strides``,
 by default 2 for the first and 1 for the rest), then a convolution with kernel = stride = the downsampling still
-missing to the patch grid, to ``embed_dim``: the same patch grid as ``timm.layers.PatchEmbed``.
+missing to the patch grid, to the patch-token width (``patch_dim``, or ``embed_dim``): the same patch grid as
+``timm.layers.PatchEmbed``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 
 class ConvStem(nn.Module):
-    """Image ``(B, C, H, W)`` -> patch tokens ``(B, (H/p)*(W/p), D)``."""
+    """Image ``(B, C, H, W)`` -> patch tokens ``(B, (H/p)*(W/p), embed_dim)``."""
 
     def __init__(
         self,
