@@ -17,14 +17,14 @@ from torch import nn
 
 
 class ConvStem(nn.Module):
-    """Image ``(B, C, H, W)`` -> patch tokens ``(B, (H/p)*(W/p), embed_dim)``."""
+    """Image ``(B, C, H, W)`` -> patch tokens ``(B, (H/p)*(W/p), out_dim)``."""
 
     def __init__(
         self,
         img_size: int,
         patch_size: int,
         in_chans: int,
-        embed_dim: int,
+        out_dim: int,
         stem_dims: Sequence[int],
         strides: Sequence[int],
     ) -> None:
@@ -34,7 +34,7 @@ class ConvStem(nn.Module):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.GELU()]
         self.convs = nn.Sequential(*layers)
         rest = patch_size // math.prod(strides)  # downsampling left for the projection
-        self.proj = nn.Conv2d(stem_dims[-1], embed_dim, kernel_size=rest, stride=rest)
+        self.proj = nn.Conv2d(stem_dims[-1], out_dim, kernel_size=rest, stride=rest)
         self.num_patches = (img_size // patch_size) ** 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
