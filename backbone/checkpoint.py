@@ -6,10 +6,8 @@ used with any other backbone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,56 +16,17 @@ import torch
 from safetensors.torch import save_file
 
 from backbone.config import AdaPerceiverConfig
+from backbone.fileio import atomic_write, file_sha256, packaged_file
 from backbone.model import AdaPerceiver
 
 FORMAT = "adaperceiver-rl/backbone"
 FORMAT_VERSION = "1"
 METADATA_KEY = "adaperceiver"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BACKBONE = REPO_ROOT / "checkpoints" / "adaperceiver_fmnist.safetensors"
+DEFAULT_BACKBONE = packaged_file("checkpoints", "adaperceiver_fmnist.safetensors")  # shipped as package data
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, truncated, foreign or does not fit the model."""
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write(path: str | os.PathLike, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``, so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the final file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):  # numpy / torch scalars
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    raise TypeError(f"{type(o).__name__} is not JSON serializable")
-
-
-def write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> None:
-    """Atomic JSON write that also accepts numpy/torch scalars and arrays."""
-    text = json.dumps(data, indent=indent, default=_json_default)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_backbone(model: AdaPerceiver, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 
@@ -43,7 +43,6 @@ class AdaPerceiverConfig:
     token_granularities: tuple[int, ...] = (4, 8, 16, 32)  # nested latent counts g_1 < ... < g_K = N_max
     widths: tuple[int, ...] = (32, 64, 128)  # Matryoshka FFN widths w_1 < ... < w_M = D ("mat_dims")
     name: str = "adaperceiver_fmnist"  # registry name this config was built from (informational)
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the checkpoint
 
     def __post_init__(self) -> None:
         # normalise lists (from YAML/JSON) to tuples so configs compare and hash by value
@@ -110,11 +109,6 @@ class AdaPerceiverConfig:
         """MLP hidden units used at FFN width ``width`` (DESIGN §2, Matryoshka FFN)."""
         return int(width * self.ffn_ratio)
 
-    @property
-    def grid_shape(self) -> tuple[int, int, int]:
-        """(K, L, M): number of token granularities, depths and widths."""
-        return len(self.token_granularities), self.depth, len(self.widths)
-
     # --- (de)serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,6 +120,8 @@ class AdaPerceiverConfig:
     def from_dict(cls, d: dict[str, Any]) -> AdaPerceiverConfig:
         if "stem_dim" in d:  # checkpoints written before stem_dims existed
             d = {**{k: v for k, v in d.items() if k != "stem_dim"}, "stem_dims": (d["stem_dim"],)}
+        if not d.get("extra", True):  # checkpoints written while the config had an (always empty) `extra` field
+            d = {k: v for k, v in d.items() if k != "extra"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -27,6 +27,7 @@ from torch import nn
 from backbone.config import AdaPerceiverConfig
 from backbone.flops import flops_breakdown
 from backbone.layers import Block, ConvStem, CrossAttention, PatchContext, RotaryEmbedding1d, block_causal_mask
+from backbone.settings import SettingsGrid
 
 Width = int | Sequence[int] | torch.Tensor | None
 
@@ -50,6 +51,7 @@ class AdaPerceiver(nn.Module):
     def __init__(self, cfg: AdaPerceiverConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.grid = SettingsGrid.from_config(cfg)  # every (tokens, depth, width) and its FLOPs
         d, t = cfg.embed_dim, cfg.token_dim
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
@@ -85,6 +87,12 @@ class AdaPerceiver(nn.Module):
                 trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay (timm's convention, read by ``create_optimizer_v2``): the position
+        embedding and the learned latent and output query are embeddings, not weights of a map."""
+        return {"pos_embed", "latent", "out_query"}
 
     # --- validation --------------------------------------------------------------------------------------------
     def resolve_setting(self, num_tokens: int | None, depth: int | None, width: Width) -> tuple[int, int, Width]:
@@ -245,11 +253,6 @@ class AdaPerceiver(nn.Module):
         if not isinstance(w, int):
             raise ValueError("flops() takes one width, not a per-sample sequence")
         return sum(flops_breakdown(self.cfg, g, d, w).values())
-
-    def settings(self) -> list[tuple[int, int, int]]:
-        """Every (tokens, depth, width) setting, in (K, L, M) index order."""
-        c = self.cfg
-        return [(g, d, w) for g in c.token_granularities for d in range(1, c.depth + 1) for w in c.widths]
 
 
 def _is_scalar(v: object) -> bool:

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from backbone.checkpoint import DEFAULT_BACKBONE, load_backbone, write_json
-from backbone.evaluate import display_path
+from backbone.checkpoint import DEFAULT_BACKBONE, load_backbone
+from backbone.fileio import display_path, write_json
 from backbone.model import AdaPerceiver
 
 

@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from backbone.fileio import write_text
+
 T = TypeVar("T")
 
 
@@ -70,8 +72,6 @@ def build_dataclass(cls: type[T], values: dict[str, Any], source: str = "config"
 
 def dump_yaml(obj: Any, path: str | os.PathLike) -> None:
     """Write a dataclass or dict as YAML atomically (the merged config saved next to every output)."""
-    from backbone.checkpoint import atomic_write
-
     data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
     text = yaml.safe_dump(data, sort_keys=False)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    write_text(path, text)

@@ -1,6 +1,6 @@
 """Inference speed of the AdaPerceiver backbone next to the machine's fp32 matmul rate.
 
-    python benchmarks/bench_backbone.py [--model adaperceiver_fmnist] [--checkpoint PATH] [--batch-size 256]
+    python -m benchmarks.bench_backbone [--model adaperceiver_fmnist] [--checkpoint PATH] [--batch-size 256]
                                         [--repeats 5] [--threads 0] [--json results.json]
 
 Prints, for the full, a middle and the smallest setting: images/s (median of ``--repeats`` timed passes after a
@@ -19,14 +19,11 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
-
 from backbone import AdaPerceiver, create_model, load_backbone
-from backbone.checkpoint import write_json
+from backbone.fileio import write_json
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -52,13 +49,9 @@ def matmul_gflops(n: int, repeats: int) -> float:
 
 def pick_settings(model: AdaPerceiver) -> dict[str, tuple[int, int, int]]:
     """Full, smallest and a middle setting (middle token count, half depth, middle width)."""
-    c = model.cfg
-    grans, widths = c.token_granularities, c.widths
-    return {
-        "full": (grans[-1], c.depth, widths[-1]),
-        "middle": (grans[len(grans) // 2], max(1, c.depth // 2), widths[len(widths) // 2]),
-        "smallest": (grans[0], 1, widths[0]),
-    }
+    grid = model.grid
+    k, d, m = grid.shape
+    return {"full": grid.full, "middle": grid.setting((k // 2, max(0, d // 2 - 1), m // 2)), "smallest": grid.smallest}
 
 
 def bench_setting(model: AdaPerceiver, x: torch.Tensor, setting: tuple[int, int, int], repeats: int) -> dict:

@@ -1,6 +1,6 @@
 """Cost of the compute environment: outcome-table build time and table-mode env steps per second.
 
-    python benchmarks/bench_env.py [--backbone PATH | --model adaperceiver_test] [--split policy-train]
+    python -m benchmarks.bench_env [--backbone PATH | --model adaperceiver_test] [--split policy-train]
                                    [--limit N] [--steps 100000] [--repeats 3] [--json results.json]
 
 Prints (1) the time to build the outcome table of the split from scratch (into a temporary cache folder, so no
@@ -20,16 +20,13 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
-
 from backbone import DEFAULT_BACKBONE, AdaPerceiver, create_model, load_backbone
-from backbone.checkpoint import write_json
 from backbone.data import SPLITS, load_split
+from backbone.fileio import write_json
 from envs import AdaPerceiverComputeEnv, OutcomeTable, load_or_build
 
 

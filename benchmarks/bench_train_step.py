@@ -1,6 +1,6 @@
 """Seconds per joint-training step in fp32 and under bf16 autocast, on this machine.
 
-    python benchmarks/bench_train_step.py [--model adaperceiver_fmnist] [--batch-size 256] [--repeats 3]
+    python -m benchmarks.bench_train_step [--model adaperceiver_fmnist] [--batch-size 256] [--repeats 3]
                                           [--compile] [--json results.json]
 
 Why: bf16 autocast speeds training up only where the CPU has native bf16 kernels (AVX512-BF16/AMX); elsewhere it
@@ -19,16 +19,13 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from timm.optim import create_optimizer_v2
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
-
 from backbone import MODEL_NAMES, create_model
-from backbone.checkpoint import write_json
-from backbone.train import TrainConfig, native_bf16, sample_widths, train_step
+from backbone.fileio import write_json
+from backbone.training import TrainConfig, native_bf16, sample_widths, train_step
 
 
 def step_seconds(model_name: str, batch_size: int, bf16: bool, repeats: int, compile: bool = False) -> list[float]:

@@ -18,7 +18,6 @@ from envs.outcome_table import (
     dataset_sha256,
     default_cache_dir,
     load_or_build,
-    settings_grid,
     table_path,
 )
 from envs.vec import make_vec_env
@@ -45,6 +44,5 @@ __all__ = [
     "make_vec_env",
     "probe_setting",
     "resolve_backbone",
-    "settings_grid",
     "table_path",
 ]

@@ -16,10 +16,10 @@ from gymnasium import spaces
 
 from backbone.checkpoint import DEFAULT_BACKBONE, CheckpointError, load_backbone
 from backbone.data import SPLITS, ImageDataset, load_split
-from backbone.evaluate import flops_grid
 from backbone.model import AdaPerceiver
+from backbone.settings import Setting
 from envs.observations import DEFAULT_OBSERVATION, OBSERVATIONS, get_observation
-from envs.outcome_table import OutcomeTable, dataset_sha256, flops_cost, load_or_build, settings_grid
+from envs.outcome_table import OutcomeTable, dataset_sha256, load_or_build
 
 REWARDS = ("correct", "neg_ce")
 MODES = ("table", "live")
@@ -69,7 +69,7 @@ class AdaPerceiverComputeEnv(gym.Env[np.ndarray, np.ndarray]):
 
     ``MultiDiscrete([K, L, M])``: ``(token index, depth index, width index)``. Token index ``k`` selects
     ``cfg.token_granularities[k]`` latents, depth index ``l`` runs ``l + 1`` blocks, width index ``m`` selects FFN
-    width ``cfg.widths[m]``. ``env.settings_grid`` lists the values.
+    width ``cfg.widths[m]``. ``env.grid`` (a :class:`~backbone.settings.SettingsGrid`) converts and prices them.
 
     ## Observation Space
 
@@ -185,13 +185,11 @@ class AdaPerceiverComputeEnv(gym.Env[np.ndarray, np.ndarray]):
         else:
             self._n = len(self.table)
 
-        cfg = self.model.cfg
-        self.settings_grid = settings_grid(self.model)
-        self.flops_grid: np.ndarray = self.table.flops if self.table is not None else flops_grid(self.model)
+        self.grid = self.model.grid
         self.obs_flops = int(self.observation_spec.flops(self.model))
-        self._shape = cfg.grid_shape
-        self._cost = flops_cost(self.flops_grid, self.flops_penalty)  # (K, L, M) float64
-        self._flops_list = self.flops_grid.tolist()
+        self._shape = self.grid.shape
+        self._cost = self.flops_penalty * self.grid.relative_cost()  # (K, L, M) float64
+        self._flops_list = self.grid.flops.tolist()
 
         self.action_space = spaces.MultiDiscrete(list(self._shape))
         spec, model = self.observation_spec, self.model
@@ -213,25 +211,18 @@ class AdaPerceiverComputeEnv(gym.Env[np.ndarray, np.ndarray]):
         """Number of samples an episode can draw from."""
         return self._n
 
-    def setting(self, action: Any) -> tuple[int, int, int]:
+    def setting(self, action: Any) -> Setting:
         """``(tokens, depth, width)`` of an action."""
-        ti, di, wi = self._parse_action(action)
-        g = self.settings_grid
-        return g["token_granularities"][ti], g["depth"][di], g["widths"][wi]
+        return self.grid.setting(self._parse_action(action))
 
     def _parse_action(self, action: Any) -> tuple[int, int, int]:
         """Cheap conversion + bounds check (no ``action_space.contains`` in the hot path)."""
         if type(action) is np.ndarray and action.shape == (3,) and action.dtype.kind in "iu":
             ti, di, wi = action.tolist()
-        else:
-            ti, di, wi = self._parse_action_slow(action)
-        nt, nd, nw = self._shape
-        if not (0 <= ti < nt and 0 <= di < nd and 0 <= wi < nw):
-            raise ValueError(
-                f"action {[ti, di, wi]} is outside MultiDiscrete([{nt}, {nd}, {nw}]): token index 0..{nt - 1}, "
-                f"depth index 0..{nd - 1}, width index 0..{nw - 1}"
-            )
-        return ti, di, wi
+            nt, nd, nw = self._shape
+            if 0 <= ti < nt and 0 <= di < nd and 0 <= wi < nw:
+                return ti, di, wi
+        return self.grid.check_index(self._parse_action_slow(action))  # ValueError naming the bounds
 
     def _parse_action_slow(self, action: Any) -> tuple[int, int, int]:
         want = f"3 integers (token, depth, width index) within MultiDiscrete({list(self._shape)})"
@@ -285,11 +276,8 @@ class AdaPerceiverComputeEnv(gym.Env[np.ndarray, np.ndarray]):
             correct, pred, ce = self._run_live(ti, di, wi, label)
             base = float(correct) if self.reward_type == "correct" else -ce
             reward = base - float(self._cost[ti, di, wi])
-        g = self.settings_grid
         info = {
-            "tokens": g["token_granularities"][ti],
-            "depth": di + 1,
-            "width": g["widths"][wi],
+            **self.grid.setting((ti, di, wi))._asdict(),
             "flops": self._flops_list[ti][di][wi],
             "correct": correct,
             "pred": pred,
@@ -300,9 +288,8 @@ class AdaPerceiverComputeEnv(gym.Env[np.ndarray, np.ndarray]):
 
     def _run_live(self, ti: int, di: int, wi: int, label: int) -> tuple[bool, int, float]:
         """Run the backbone at the chosen setting from the memory computed at reset: (correct, pred, CE)."""
-        g = self.settings_grid
         with _eval_mode(self.model):
-            logits = self.model(self._memory, g["token_granularities"][ti], di + 1, g["widths"][wi]).float()
+            logits = self.model(self._memory, *self.grid.setting((ti, di, wi))).float()
             ce = float(F.cross_entropy(logits, torch.tensor([label])))
         pred = int(logits[0].argmax())
         return pred == label, pred, ce

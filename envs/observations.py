@@ -24,14 +24,14 @@ import torch.nn.functional as F
 
 from backbone.flops import SHARED_PARTS, flops_breakdown
 from backbone.model import AdaPerceiver, PatchMemory
+from backbone.settings import Setting
 
 PROBE_STATS = ("top1_prob", "margin", "entropy")
 
 
-def probe_setting(model: AdaPerceiver) -> tuple[int, int, int]:
+def probe_setting(model: AdaPerceiver) -> Setting:
     """The cheapest setting ``(tokens, depth, width)``: the probe whose confidence the controller sees."""
-    cfg = model.cfg
-    return cfg.token_granularities[0], 1, cfg.widths[0]
+    return model.grid.smallest
 
 
 def _pooled(model: AdaPerceiver, memory: PatchMemory) -> torch.Tensor:
@@ -88,11 +88,6 @@ class ObservationSpec:
         """Number of features ``F``."""
         return model.cfg.token_dim * self.pooled + len(PROBE_STATS) * self.probe
 
-    def feature_names(self, model: AdaPerceiver) -> list[str]:
-        """One name per feature, in order (for logs and plots)."""
-        pooled = [f"pooled_{i}" for i in range(model.cfg.token_dim)] if self.pooled else []
-        return pooled + (list(PROBE_STATS) if self.probe else [])
-
     def low(self, model: AdaPerceiver) -> np.ndarray:
         """Finite float32 lower bounds ``(F,)``."""
         d = model.cfg.token_dim
@@ -135,13 +130,13 @@ class ObservationSpec:
         Adaptive inference really skips this work, and :func:`policy.evaluation.evaluate_actions` subtracts it,
         so reported FLOPs are what actually runs. Zero everywhere for specs without the probe.
         """
-        cfg = model.cfg
-        reused = np.zeros((len(cfg.token_granularities), cfg.depth, len(cfg.widths)), np.int64)
+        grid = model.grid
+        reused = np.zeros(grid.shape, np.int64)
         if self.probe:
-            g, d, w = probe_setting(model)
-            parts = flops_breakdown(cfg, g, d, w)
-            reused[0, :, 0] = parts["read"] + parts["blocks"]
-            reused[0, 0, 0] += parts["write"] + parts["head"]
+            k, d, m = grid.smallest_index  # the probe: its read and block 1 are every (k, :, m) setting's start
+            parts = flops_breakdown(model.cfg, *grid.smallest)
+            reused[k, d:, m] = parts["read"] + parts["blocks"]
+            reused[k, d, m] += parts["write"] + parts["head"]
         return reused
 
 

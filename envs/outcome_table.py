@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +22,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from backbone.checkpoint import atomic_write
 from backbone.data import ImageDataset, load_split
-from backbone.evaluate import flops_grid, sweep
+from backbone.fileio import atomic_write, user_cache_dir
 from backbone.model import AdaPerceiver
+from backbone.settings import SettingsGrid
+from backbone.sweep import sweep
 from envs.observations import DEFAULT_OBSERVATION, get_observation
 
 FORMAT = "adaperceiver-rl/outcome-table"
 FORMAT_VERSION = 2
 CACHE_DIR_ENV = "ADAPERCEIVER_CACHE_DIR"
-DEFAULT_CACHE_DIR = Path("~/.cache/adaperceiver-rl/tables")
-_ARRAYS = ("correct", "loss", "pred", "confidence", "labels", "obs", "flops")
+_ARRAYS = ("correct", "loss", "pred", "confidence", "labels", "obs")
 
 
 def backbone_identity(model: AdaPerceiver) -> str:
@@ -53,16 +53,6 @@ def backbone_identity(model: AdaPerceiver) -> str:
     return h.hexdigest()
 
 
-def settings_grid(model: AdaPerceiver) -> dict[str, list[int]]:
-    """The axes of the settings grid: ``{"token_granularities", "depth" (1..L), "widths"}``, each a list."""
-    c = model.cfg
-    return {
-        "token_granularities": list(c.token_granularities),
-        "depth": list(range(1, c.depth + 1)),
-        "widths": list(c.widths),
-    }
-
-
 def dataset_sha256(dataset: ImageDataset) -> str:
     """sha256 of a dataset's images and labels (tells a custom dataset apart from the named split)."""
     h = hashlib.sha256()
@@ -72,8 +62,9 @@ def dataset_sha256(dataset: ImageDataset) -> str:
 
 
 def default_cache_dir() -> Path:
-    """``$ADAPERCEIVER_CACHE_DIR`` if set, else ``~/.cache/adaperceiver-rl/tables``."""
-    return Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR).expanduser()
+    """``$ADAPERCEIVER_CACHE_DIR`` if set, else ``tables/`` in the user cache folder (``~/.cache/adaperceiver-rl``)."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    return Path(env).expanduser() if env else user_cache_dir("tables")
 
 
 @dataclass
@@ -87,12 +78,11 @@ class OutcomeTable:
         confidence: ``(n, K, L, M)`` float32 top-1 softmax probability (for the confidence early-exit baseline).
         labels: ``(n,)`` int64 true class.
         obs: ``(n, F)`` float32 observation of each sample.
-        flops: ``(K, L, M)`` int64 FLOPs per image of each setting.
+        grid: The backbone's :class:`~backbone.settings.SettingsGrid` (axes and FLOPs of every setting).
         obs_flops: Controller-overhead FLOPs per image of computing one observation.
         backbone_sha256: :func:`backbone_identity` of the backbone that produced it.
         split: Name of the split (or custom dataset) the samples come from.
         observation: Name of the observation spec.
-        grid: :func:`settings_grid` of the backbone.
         data_sha256: :func:`dataset_sha256` of the samples ("" if unknown).
     """
 
@@ -102,17 +92,16 @@ class OutcomeTable:
     confidence: np.ndarray
     labels: np.ndarray
     obs: np.ndarray
-    flops: np.ndarray
+    grid: SettingsGrid
     obs_flops: int
     backbone_sha256: str
     split: str
     observation: str
-    grid: dict[str, list[int]] = field(default_factory=dict)
     data_sha256: str = ""
 
     def __post_init__(self) -> None:
         n = len(self.labels)
-        shape = (n, *self.flops.shape)
+        shape = (n, *self.grid.shape)
         for name in ("correct", "loss", "pred", "confidence"):
             if getattr(self, name).shape != shape:
                 raise ValueError(f"outcome table: {name} has shape {getattr(self, name).shape}, expected {shape}")
@@ -168,47 +157,26 @@ class OutcomeTable:
             confidence=result.confidence,
             labels=labels.numpy().astype(np.int64),
             obs=obs,
-            flops=flops_grid(model),
+            grid=model.grid,
             obs_flops=int(spec.flops(model)),
             backbone_sha256=backbone_identity(model),
             split=split,
             observation=observation,
-            grid=settings_grid(model),
             data_sha256=dataset_sha256(dataset),
         )
-
-    @classmethod
-    def load_or_build(
-        cls,
-        model: AdaPerceiver,
-        split: str,
-        data_dir: str | os.PathLike | None = None,
-        observation: str = DEFAULT_OBSERVATION,
-        cache_dir: str | os.PathLike | None = None,
-        dataset: ImageDataset | None = None,
-        progress: bool = True,
-        batch_size: int = 500,
-    ) -> OutcomeTable:
-        """Same as the module-level :func:`load_or_build` (cached table, built when missing or stale)."""
-        return load_or_build(model, split, data_dir, observation, cache_dir, dataset, progress, batch_size)
 
     # --- queries -------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.labels)
 
     @property
-    def grid_shape(self) -> tuple[int, int, int]:
-        """(K, L, M)."""
-        return tuple(self.flops.shape)  # type: ignore[return-value]
+    def flops(self) -> np.ndarray:
+        """FLOPs ``(K, L, M)`` per image of every setting (``grid.flops``)."""
+        return self.grid.flops
 
     def accuracy(self) -> np.ndarray:
         """Accuracy ``(K, L, M)`` of every fixed setting over the table's samples."""
         return self.correct.mean(0)
-
-    def full_index(self) -> tuple[int, int, int]:
-        """Index ``(K-1, L-1, M-1)`` of the largest setting."""
-        nt, nd, nw = self.flops.shape
-        return nt - 1, nd - 1, nw - 1
 
     def reward_matrix(self, reward: str = "correct", flops_penalty: float = 0.3) -> np.ndarray:
         """Reward ``(n, K, L, M)`` float64 of every (sample, setting), read-only and memoised per argument pair.
@@ -222,7 +190,7 @@ class OutcomeTable:
         key = (reward, float(flops_penalty))
         if key not in cache:
             base = self.correct.astype(np.float64) if reward == "correct" else -self.loss.astype(np.float64)
-            matrix = base - flops_cost(self.flops, flops_penalty)[None]
+            matrix = base - flops_penalty * self.grid.relative_cost()[None]
             matrix.setflags(write=False)
             cache[key] = matrix
         return cache[key]
@@ -236,8 +204,8 @@ class OutcomeTable:
             return f"it was built for split {self.split!r}, not {split!r}"
         if observation is not None and self.observation != observation:
             return f"it holds observation {self.observation!r}, not {observation!r}"
-        if self.grid != settings_grid(model):
-            return f"its settings grid {self.grid} differs from the backbone's {settings_grid(model)}"
+        if self.grid != model.grid:
+            return f"its settings grid {self.grid.to_json()} differs from the backbone's {model.grid.to_json()}"
         return None
 
     def check_matches(self, model: AdaPerceiver, split: str, observation: str | None = None) -> None:
@@ -258,14 +226,14 @@ class OutcomeTable:
             "backbone_sha256": self.backbone_sha256,
             "split": self.split,
             "observation": self.observation,
-            "grid": self.grid,
+            "grid": self.grid.to_json(),
             "data_sha256": self.data_sha256,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the table atomically as ``.npz`` (metadata as a JSON string array); return the path."""
         path = Path(path)
-        arrays = {name: getattr(self, name) for name in _ARRAYS}
+        arrays = {name: getattr(self, name) for name in _ARRAYS} | {"flops": self.flops}
         meta = np.array(json.dumps(self.metadata(), sort_keys=True))
 
         def write(tmp: str) -> None:
@@ -283,26 +251,26 @@ class OutcomeTable:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 arrays = {name: z[name] for name in _ARRAYS}
+                flops = z["flops"]
         except FileNotFoundError:
             raise
         except Exception as e:  # zipfile / json / missing-key errors all mean "not a readable table"
             raise ValueError(f"{path} is not a readable outcome table: {e}") from None
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path} is not an outcome table of format {FORMAT} v{FORMAT_VERSION}")
+        try:
+            grid = SettingsGrid.from_json(meta["grid"], flops)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         return cls(
             **arrays,
+            grid=grid,
             obs_flops=int(meta["obs_flops"]),
             backbone_sha256=meta["backbone_sha256"],
             split=meta["split"],
             observation=meta["observation"],
-            grid=meta["grid"],
             data_sha256=meta.get("data_sha256", ""),
         )
-
-
-def flops_cost(flops: np.ndarray, flops_penalty: float) -> np.ndarray:
-    """The reward's compute term ``flops_penalty * FLOPs / FLOPs(full)`` (float64, same shape as ``flops``)."""
-    return float(flops_penalty) * flops.astype(np.float64) / float(flops[(-1,) * flops.ndim])
 
 
 def table_path(cache_dir: str | os.PathLike, sha256: str, split: str, observation: str, n: int) -> Path:

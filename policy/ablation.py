@@ -17,16 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from backbone.checkpoint import atomic_write, write_json
 from backbone.data import DataError
+from backbone.fileio import atomic_write, write_json
 from backbone.flops import flops_breakdown
-from backbone.pareto import front_accuracy_at, pareto_front
 from envs import get_observation
 from policy.baselines import early_exit, oracle, random_matched
 from policy.config import DEFAULT_POLICY_CONFIG, build_policy_config
 from policy.controller import choose_actions, load_ppo
 from policy.evaluation import evaluate_actions
-from policy.sidecar import check_compatible, grid_of, resolve_run
+from policy.sidecar import check_compatible, resolve_run
 from policy.training import load_backbone_for, outcome_table, train_controller
 
 TAUS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.01)
@@ -59,30 +58,18 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
     cfg = build_policy_config(**base)
     model = load_backbone_for(cfg.backbone)
     table = outcome_table(model, cfg, cfg.eval_split, cfg.eval_limit)
-    c = model.cfg
-    acc = table.correct.mean(0)
-    flops = table.flops
-    fixed = [
-        {"tokens": g, "depth": d + 1, "width": w, "flops": int(flops[k, d, m]), "accuracy": float(acc[k, d, m])}
-        for k, g in enumerate(c.token_granularities)
-        for d in range(c.depth)
-        for m, w in enumerate(c.widths)
-    ]
-    front = pareto_front([r["flops"] for r in fixed], [r["accuracy"] for r in fixed])
-    for i, r in enumerate(fixed):
-        r["pareto"] = bool(i in set(front.tolist()))
-
+    grid = table.grid
+    acc = table.accuracy()
+    flops = grid.flops
+    fixed = grid.table(acc)
     exit_cost = [
-        sum(v for part, v in flops_breakdown(c, g, 1, c.widths[-1]).items() if part in ("write", "head"))
-        for g in c.token_granularities
+        sum(v for part, v in flops_breakdown(model.cfg, g, 1, grid.widths[-1]).items() if part in ("write", "head"))
+        for g in grid.tokens
     ]
-    K, _, M = c.grid_shape
     early = {
-        f"{c.token_granularities[k]}/{c.widths[m]}": early_exit(
-            table.correct, table.confidence, flops, exit_cost, TAUS, k, m
-        )
-        for k in range(K)
-        for m in range(M)
+        f"{g}/{w}": early_exit(table.correct, table.confidence, flops, exit_cost, TAUS, k, m)
+        for k, g in enumerate(grid.tokens)
+        for m, w in enumerate(grid.widths)
     }
 
     given = {}
@@ -94,11 +81,11 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
     for p in penalties:
         run = find_or_train(base, p, given, Path(args.runs_dir), args.seed)
         zip_path, side = resolve_run(run)
-        check_compatible(side, model.checkpoint_sha256, grid_of(model), table.observation)
+        check_compatible(side, model.checkpoint_sha256, model.grid, table.observation)
         policy = load_ppo(zip_path).policy
         reused = get_observation(side["observation"]).reused_flops(model)
         m = evaluate_actions(table, choose_actions(policy, table.obs), side["controller_flops"], reused)
-        front_acc = front_accuracy_at(flops.ravel(), acc.ravel(), m["mean_flops"])
+        front_acc = m["best_fixed_accuracy_at_same_flops"]
         rand = random_matched(table.correct, flops, m["mean_flops"], seed=args.seed)
         controllers.append(
             {

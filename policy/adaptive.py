@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from backbone.checkpoint import load_backbone
-from backbone.evaluate import flops_grid
+from backbone.settings import Setting
 from envs import get_observation
 from envs.observations import run_probe
 from policy.controller import actor_flops, choose_actions, load_ppo
-from policy.sidecar import check_compatible, grid_of, resolve_run
+from policy.sidecar import check_compatible, resolve_run
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Prediction:
 
     labels: torch.Tensor  # (B,) predicted class
     logits: torch.Tensor  # (B, classes)
-    settings: list[tuple[int, int, int]]  # (tokens, depth, width) each image ran at
+    settings: list[Setting]  # (tokens, depth, width) each image ran at
     actions: np.ndarray  # (B, 3) grid indices of those settings
     flops: np.ndarray  # (B,) FLOPs per image, controller overhead included
 
@@ -48,10 +48,8 @@ class AdaptiveClassifier:
         self.controller_flops = (
             controller_flops if controller_flops is not None else self.spec.flops(backbone) + actor_flops(policy)
         )
-        self.flops_grid = flops_grid(backbone)
+        self.grid = backbone.grid
         self.reused_flops = self.spec.reused_flops(backbone)  # probe work a setting continues from, not redone
-        c = backbone.cfg
-        self.grid = (c.token_granularities, list(range(1, c.depth + 1)), c.widths)
 
     @classmethod
     def load(
@@ -60,17 +58,13 @@ class AdaptiveClassifier:
         """Load a run folder (or its ``policy.json``); refuse a backbone other than the one it was trained for."""
         zip_path, sidecar = resolve_run(run)
         model = load_backbone(backbone or sidecar["backbone_path"], device=device)
-        check_compatible(sidecar, model.checkpoint_sha256, grid_of(model), sidecar["observation"])
+        check_compatible(sidecar, model.checkpoint_sha256, model.grid, sidecar["observation"])
         ppo = load_ppo(zip_path, device=device)
         return cls(model, ppo.policy, sidecar["observation"])
 
     def choose(self, memory, probe_logits: torch.Tensor | None = None) -> np.ndarray:
         """Setting indices ``(B, 3)`` for a batch already embedded by ``backbone.embed``."""
         return choose_actions(self.policy, self.spec.compute(self.backbone, memory, probe_logits))
-
-    def setting(self, action: Sequence[int]) -> tuple[int, int, int]:
-        k, d, m = (int(a) for a in action)
-        return self.grid[0][k], self.grid[1][d], self.grid[2][m]
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor | Sequence[torch.Tensor]) -> Prediction:
@@ -80,19 +74,18 @@ class AdaptiveClassifier:
         memory = model.embed(x)
         probe = run_probe(model, memory) if self.spec.probe else None
         actions = self.choose(memory, None if probe is None else probe[1])
-        tok, depth, wid = actions[:, 0], actions[:, 1] + 1, actions[:, 2]
+        tokens, depth, widths = self.grid.values(actions)
         logits = memory.tokens.new_empty(len(x), model.cfg.num_classes)
         # rows whose setting reuses the probe's work (its tokens and width) go on from the probe's latents;
         # the same grid gives the FLOPs they skip, so execution and accounting cannot drift apart
-        on_probe = self.reused_flops[tok, actions[:, 1], wid] > 0
+        on_probe = self.reused_flops[tuple(actions.T)] > 0
         at_probe = on_probe & (depth == 1)
         if at_probe.any():
             logits[at_probe] = probe[1][at_probe]
-        for k in np.unique(tok):
-            rows = np.flatnonzero((tok == k) & ~at_probe)
+        for g in np.unique(tokens).tolist():
+            rows = np.flatnonzero((tokens == g) & ~at_probe)
             if len(rows) == 0:
                 continue
-            g = self.grid[0][k]
             # one read, one pass through the blocks and one write-out per token count (widths and depths mixed)
             start = memory.tokens.new_empty(len(rows), g, model.cfg.embed_dim)
             cont = on_probe[rows]
@@ -100,10 +93,9 @@ class AdaptiveClassifier:
                 start[cont] = probe[0][rows[cont]]
             if not cont.all():
                 start[~cont] = model.read_latents(memory[torch.from_numpy(rows[~cont])], g)
-            widths = np.asarray(self.grid[2])[wid[rows]]
-            logits[rows] = model.forward_head(self._run_blocks(start, depth[rows], widths, cont))
-        flops = self.flops_grid[tuple(actions.T)] - self.reused_flops[tuple(actions.T)] + self.controller_flops
-        return Prediction(logits.argmax(-1), logits, [self.setting(a) for a in actions], actions, flops)
+            logits[rows] = model.forward_head(self._run_blocks(start, depth[rows], widths[rows], cont))
+        flops = self.grid.flops_of(actions) - self.reused_flops[tuple(actions.T)] + self.controller_flops
+        return Prediction(logits.argmax(-1), logits, self.grid.settings(actions), actions, flops)
 
     def _run_blocks(
         self, latents: torch.Tensor, depth: np.ndarray, widths: np.ndarray, past_block1: np.ndarray

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from backbone.checkpoint import write_json
 from backbone.data import DataError, load_split
+from backbone.fileio import write_json
 from policy.adaptive import AdaptiveClassifier
 
 
@@ -35,7 +35,7 @@ def _throughput(fn: Callable[[torch.Tensor], object], images: torch.Tensor, batc
 
 
 def benchmark(clf: AdaptiveClassifier, images: torch.Tensor, batch_sizes: list[int], repeats: int) -> dict:
-    full_flops = int(clf.flops_grid[-1, -1, -1])
+    full_flops = clf.grid.full_flops
     with torch.inference_mode():
         adaptive_flops = float(clf.predict(images).flops.mean())
     rows = []

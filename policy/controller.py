@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import nn
 
-from backbone.checkpoint import atomic_write
+from backbone.fileio import atomic_write
 
 
 def actor_flops(policy: ActorCriticPolicy) -> int:
@@ -28,24 +27,16 @@ def actor_flops(policy: ActorCriticPolicy) -> int:
     )
 
 
-@torch.no_grad()
 def choose_actions(policy: ActorCriticPolicy, obs: torch.Tensor | np.ndarray) -> np.ndarray:
     """Deterministic actions ``(B, 3)`` (token, depth, width indices) for a batch of observations.
 
-    The mode of the MultiDiscrete distribution is the argmax of each action dimension's logits; computing it
-    from the logits skips building ``torch.distributions`` objects, whose argument checks cost more than the
-    tiny actor network at batch 1. ``tests/test_policy.py`` checks it against ``get_distribution(obs).mode()``.
+    Through SB3's public API (``predict(..., deterministic=True)``: the mode of the MultiDiscrete distribution,
+    i.e. the argmax of each action dimension's logits); ``tests/test_policy.py`` pins it to
+    ``get_distribution(obs).mode()``.
     """
-    obs_t = torch.as_tensor(np.asarray(obs, dtype=np.float32), device=policy.device)
-    if obs_t.ndim == 1:
-        obs_t = obs_t[None]
-    policy.set_training_mode(False)
-    if not isinstance(policy.action_space, spaces.MultiDiscrete):
-        return policy.get_distribution(obs_t).mode().cpu().numpy().reshape(len(obs_t), -1).astype(np.int64)
-    features = policy.extract_features(obs_t, policy.pi_features_extractor)
-    logits = policy.action_net(policy.mlp_extractor.forward_actor(features))
-    parts = torch.split(logits, [int(n) for n in policy.action_space.nvec], dim=1)
-    return torch.stack([p.argmax(dim=1) for p in parts], dim=1).cpu().numpy().astype(np.int64)
+    obs = np.asarray(obs.cpu() if isinstance(obs, torch.Tensor) else obs, dtype=np.float32)
+    actions, _ = policy.predict(obs.reshape(-1, obs.shape[-1]), deterministic=True)
+    return np.asarray(actions, dtype=np.int64).reshape(len(actions), -1)
 
 
 def save_ppo_atomic(model: PPO, path: str | os.PathLike) -> None:

@@ -11,11 +11,6 @@ from scipy.stats import binomtest
 from backbone.pareto import front_accuracy_at
 
 
-def setting_label(grid: dict[str, Any], action: tuple[int, int, int]) -> str:
-    k, d, m = action
-    return f"{grid['token_granularities'][k]}/{d + 1}/{grid['widths'][m]}"
-
-
 def evaluate_actions(
     table, actions: np.ndarray, controller_flops: int, reused_flops: np.ndarray | None = None
 ) -> dict[str, Any]:
@@ -38,11 +33,11 @@ def evaluate_actions(
     backbone_flops = (table.flops[k, d, m] - reused[k, d, m]).astype(np.float64)
     mean_flops = float(backbone_flops.mean() + controller_flops)
     fixed_acc = table.correct.mean(0)  # (K, L, M)
-    full = tuple(s - 1 for s in table.flops.shape)
+    full = table.grid.full_index
     full_acc, full_flops = float(fixed_acc[full]), int(table.flops[full])
     best_fixed = front_accuracy_at(table.flops.ravel(), fixed_acc.ravel(), mean_flops)
     best_idx = _best_fixed_index(table.flops, fixed_acc, mean_flops)
-    counts = Counter(setting_label(table.grid, tuple(a)) for a in actions.tolist())
+    counts = Counter(str(s) for s in table.grid.settings(actions))
     accuracy = float(correct.mean())
     return {
         "samples": n,
@@ -55,7 +50,7 @@ def evaluate_actions(
         "full_flops": full_flops,
         "flops_saving": 1.0 - mean_flops / full_flops,
         "best_fixed_accuracy_at_same_flops": best_fixed,
-        "best_fixed_setting_at_same_flops": None if best_idx is None else setting_label(table.grid, best_idx),
+        "best_fixed_setting_at_same_flops": None if best_idx is None else str(table.grid.setting(best_idx)),
         "vs_best_fixed_p_value": _mcnemar(correct, table.correct[(slice(None), *best_idx)]) if best_idx else None,
         "distinct_settings": len(counts),
         "setting_counts": dict(counts.most_common()),

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from backbone.checkpoint import write_json
 from backbone.data import FASHION_MNIST_CLASSES, IMAGE_SUFFIXES
+from backbone.fileio import write_json
 from policy.adaptive import AdaptiveClassifier
 
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         g, d, w = r["setting"]
         print(f"{r['file']}\t{r['label']} {r['class']}\ttokens={g} depth={d} width={w}\t{r['flops'] / 1e6:.2f} MFLOPs")
-    full = int(clf.flops_grid[-1, -1, -1])
+    full = clf.grid.full_flops
     mean = float(np.mean([r["flops"] for r in rows]))
     print(
         f"{len(rows)} images: mean {mean / 1e6:.2f} MFLOPs/image (controller {clf.controller_flops / 1e6:.3f}) vs "

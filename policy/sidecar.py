@@ -12,15 +12,11 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from backbone.checkpoint import write_json
+from backbone.fileio import write_json
+from backbone.settings import SettingsGrid
 
 SIDECAR = "policy.json"
 POLICY_ZIP = "policy.zip"
-
-
-def grid_of(model) -> dict[str, Any]:
-    c = model.cfg
-    return {"token_granularities": list(c.token_granularities), "depth": c.depth, "widths": list(c.widths)}
 
 
 def versions() -> dict[str, str]:
@@ -60,14 +56,14 @@ def resolve_run(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     return zip_path, data
 
 
-def check_compatible(sidecar: dict[str, Any], backbone_sha256: str, grid: dict[str, Any], observation: str) -> None:
+def check_compatible(sidecar: dict[str, Any], backbone_sha256: str, grid: SettingsGrid, observation: str) -> None:
     """Raise ValueError with a one-line reason if the controller does not belong to this backbone/grid/spec."""
     if sidecar.get("backbone_sha256") != backbone_sha256:
         raise ValueError(
             f"controller was trained for backbone sha256 {str(sidecar.get('backbone_sha256'))[:12]}..., "
             f"not {backbone_sha256[:12]}... ({sidecar.get('backbone_path')}); use the backbone it was trained with"
         )
-    if sidecar.get("grid") != grid:
-        raise ValueError(f"controller settings grid {sidecar.get('grid')} differs from the backbone's {grid}")
+    if not grid.matches(sidecar.get("grid") or {}):
+        raise ValueError(f"controller settings grid {sidecar.get('grid')} differs from the backbone's {grid.to_json()}")
     if sidecar.get("observation") != observation:
         raise ValueError(f"controller observation spec {sidecar.get('observation')!r} differs from {observation!r}")

@@ -18,14 +18,15 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import CSVOutputFormat, KVWriter, Logger
 
-from backbone.checkpoint import DEFAULT_BACKBONE, CheckpointError, load_backbone, write_json
+from backbone.checkpoint import DEFAULT_BACKBONE, CheckpointError, load_backbone
 from backbone.data import load_split
+from backbone.fileio import write_json
 from backbone.settings_io import dump_yaml
 from envs import OutcomeTable, get_observation, load_or_build, make_vec_env
 from policy.config import PolicyConfig
 from policy.controller import actor_flops, choose_actions, load_ppo, save_ppo_atomic
 from policy.evaluation import evaluate_actions
-from policy.sidecar import POLICY_ZIP, SIDECAR, check_compatible, grid_of, resolve_run, versions, write_sidecar
+from policy.sidecar import POLICY_ZIP, SIDECAR, check_compatible, resolve_run, versions, write_sidecar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,7 +108,7 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
         observation=cfg.observation,
         table=train_table,
     )
-    grid = grid_of(model)
+    grid = model.grid
     if resume:
         zip_path, sidecar = resolve_run(resume)
         check_compatible(sidecar, model.checkpoint_sha256, grid, cfg.observation)
@@ -134,7 +135,7 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
     sidecar_base = {
         "backbone_path": str(model.checkpoint_path),
         "backbone_sha256": model.checkpoint_sha256,
-        "grid": grid,
+        "grid": grid.to_json(),
         "observation": cfg.observation,
         "obs_dim": int(train_table.obs.shape[1]),
         "obs_flops": int(train_table.obs_flops),

@@ -33,7 +33,7 @@ from backbone import (
 from backbone.checkpoint import FORMAT, FORMAT_VERSION, METADATA_KEY
 from backbone.flops import SHARED_PARTS
 from backbone.layers import MatryoshkaMlp, PatchContext
-from backbone.train import joint_loss
+from backbone.training import joint_loss
 
 ATOL = 1e-5  # float32 tolerance for "the same computation, different kernels / masks"
 RTOL = 1e-5
@@ -71,12 +71,12 @@ def images() -> torch.Tensor:
 
 def test_every_setting_equals_forward_all(model: AdaPerceiver, images: torch.Tensor) -> None:
     cfg = model.cfg
-    assert len(model.settings()) == 27 == np.prod(cfg.grid_shape)
+    assert len(list(model.grid)) == 27 == np.prod(model.grid.shape)
     with torch.no_grad():
         all_logits = {w: model.forward_all(images, width=w) for w in cfg.widths}
         for logits in all_logits.values():
-            assert logits.shape == (len(images), *cfg.grid_shape[:2], cfg.num_classes)
-        for g, d, w in model.settings():
+            assert logits.shape == (len(images), *model.grid.shape[:2], cfg.num_classes)
+        for g, d, w in list(model.grid):
             k = cfg.token_granularities.index(g)
             single = model(images, num_tokens=g, depth=d, width=w)
             assert single.shape == (len(images), cfg.num_classes)
@@ -90,13 +90,13 @@ def test_every_axis_changes_the_output(model: AdaPerceiver, images: torch.Tensor
         full = model.forward_all(images)  # (B, K, L, C) at full width
         small = model.forward_all(images, width=cfg.widths[0])
     gap = 100 * ATOL
-    for k in range(cfg.grid_shape[0]):
+    for k in range(model.grid.shape[0]):
         for d1 in range(cfg.depth):
             for d2 in range(d1 + 1, cfg.depth):
                 assert (full[:, k, d1] - full[:, k, d2]).abs().max() > gap, f"depth {d1 + 1} == depth {d2 + 1}"
     for d in range(cfg.depth):
-        for k1 in range(cfg.grid_shape[0]):
-            for k2 in range(k1 + 1, cfg.grid_shape[0]):
+        for k1 in range(model.grid.shape[0]):
+            for k2 in range(k1 + 1, model.grid.shape[0]):
                 assert (full[:, k1, d] - full[:, k2, d]).abs().max() > gap, f"granularities {k1}, {k2} agree"
         assert (full[:, :, d] - small[:, :, d]).abs().max() > gap, "FFN width has no effect"
     # the logits depend on the image, not only on the setting
@@ -137,7 +137,7 @@ def test_patch_memory_is_shared_by_every_setting(model: AdaPerceiver, images: to
 def test_sliced_width_equals_masked_width(model: AdaPerceiver, images: torch.Tensor) -> None:
     b = len(images)
     with torch.no_grad():
-        for g, d, w in model.settings():
+        for g, d, w in list(model.grid):
             sliced = model(images, num_tokens=g, depth=d, width=w)
             torch.testing.assert_close(model(images, g, d, [w] * b), sliced, atol=ATOL, rtol=RTOL)
             torch.testing.assert_close(model(images, g, d, torch.full((b,), w)), sliced, atol=ATOL, rtol=RTOL)
@@ -215,7 +215,7 @@ def _assert_flops_match(m: AdaPerceiver, setting: tuple[int, int, int]) -> None:
 
 
 def test_flops_match_counter_on_every_test_setting(model: AdaPerceiver) -> None:
-    for setting in model.settings():
+    for setting in list(model.grid):
         _assert_flops_match(model, setting)
 
 
@@ -238,7 +238,7 @@ def test_fmnist_compute_range(fmnist: AdaPerceiver) -> None:
     full = fmnist.flops()
     assert full == fmnist.flops(cfg.max_tokens, cfg.depth, cfg.widths[-1])
     smallest = fmnist.flops(cfg.token_granularities[0], 1, cfg.widths[0])
-    all_flops = [fmnist.flops(*s) for s in fmnist.settings()]
+    all_flops = [fmnist.flops(*s) for s in list(fmnist.grid)]
     assert max(all_flops) == full and min(all_flops) == smallest
     assert 50e6 <= full <= 120e6, f"full setting {full / 1e6:.1f} MFLOPs"
     assert full / smallest >= 15, f"full / smallest = {full / smallest:.1f}, the spec asks for about 20x"
@@ -246,7 +246,7 @@ def test_fmnist_compute_range(fmnist: AdaPerceiver) -> None:
 
 def test_flops_grow_along_every_axis(fmnist: AdaPerceiver) -> None:
     c = fmnist.cfg
-    for g, d, w in fmnist.settings():
+    for g, d, w in list(fmnist.grid):
         f = fmnist.flops(g, d, w)
         if d < c.depth:
             assert fmnist.flops(g, d + 1, w) > f
@@ -268,7 +268,7 @@ def test_flops_breakdown_sums_and_shared_parts(fmnist: AdaPerceiver) -> None:
 def test_flops_match_counter_with_patch_context() -> None:
     torch.manual_seed(0)
     m = create_model("adaperceiver_test", patch_context_kernel=3).eval()
-    for setting in [m.settings()[0], m.settings()[-1]]:
+    for setting in [m.grid.smallest, m.grid.full]:
         _assert_flops_match(m, setting)
     assert m.flops() - create_model("adaperceiver_test").flops() == 2 * m.cfg.num_patches * m.cfg.embed_dim * 9
 
@@ -315,7 +315,7 @@ def test_conv_stem_strides_keep_the_patch_grid_and_flops_match(dims, strides) ->
     assert m.stem(x).shape == (2, m.cfg.num_patches, m.cfg.embed_dim)
     rest = 4 // math.prod(strides)
     assert m.stem.proj.kernel_size == (rest, rest) and m.stem.proj.stride == (rest, rest)
-    for setting in [m.settings()[0], m.settings()[-1]]:
+    for setting in [m.grid.smallest, m.grid.full]:
         _assert_flops_match(m, setting)
 
 
@@ -345,7 +345,7 @@ def test_narrow_patch_tokens_shrink_the_read_and_flops_match() -> None:
     memory = narrow.embed(x)
     assert memory.tokens.shape == (2, narrow.cfg.num_patches, 16)
     assert memory.k.shape[-1] * narrow.cfg.num_heads == narrow.cfg.embed_dim  # keys/values still have width D
-    for setting in [narrow.settings()[0], narrow.settings()[-1]]:
+    for setting in [narrow.grid.smallest, narrow.grid.full]:
         _assert_flops_match(narrow, setting)
     p, d, c = narrow.cfg.num_patches, narrow.cfg.embed_dim, narrow.cfg.stem_dims[-1]
     saved = 4 * p * (d - 16) * d + 2 * p * c * 4 * (d - 16) + 2 * p * (d - 16) * 9  # read k/v, projection, context
@@ -579,7 +579,7 @@ def test_in1k_shape() -> None:
     assert (c.img_size, c.in_chans, c.patch_size, c.num_patches, c.num_classes) == (224, 3, 16, 196, 1000)
     assert len(m.blocks) == 21 and m.head.out_features == 1000
     assert m.blocks[0].mlp.fc1.out_features == c.hidden_dim(832) == int(832 * 2.57)
-    assert len(m.settings()) == 6 * 21 * 3
+    assert len(list(m.grid)) == 6 * 21 * 3
     full = m.flops()
     assert isinstance(full, int) and full > 0
     assert full == max(m.flops(*s) for s in [(256, 21, 832), (32, 1, 416), (128, 10, 624)])

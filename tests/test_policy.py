@@ -89,7 +89,7 @@ def test_run_writes_every_file_with_documented_keys(run: Path) -> None:
     assert side["timesteps"] >= 256 and side["flops_penalty"] == 0.3 and side["seed"] == 0
     # FLOPs are consistent: the mean lies between the cheapest and the full setting (+ overhead)
     model = load_backbone(side["backbone_path"])
-    cheapest = min(model.flops(*s) for s in model.settings())
+    cheapest = min(model.flops(*s) for s in list(model.grid))
     assert cheapest + ev["controller_flops"] <= ev["mean_flops"] <= ev["full_flops"] + ev["controller_flops"]
     assert ev["flops_saving"] == pytest.approx(1 - ev["mean_flops"] / ev["full_flops"])
     assert yaml.safe_load((run / "config.yaml").read_text())["flops_penalty"] == 0.3

@@ -35,19 +35,18 @@ class SelfAttention(nn.Module):
     q, k and v are one fused linear (mathematically the separate q/k/v linears of DESIGN §2, one matmul).
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_drop: float = 0.0) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding1d, attn_mask: torch.Tensor | None) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k = rope(qkv[:2])  # one rotation for q and k together: fewer small ops per block at small batch
         y = F.scaled_dot_product_attention(q, k, qkv[2], attn_mask=attn_mask)
-        return self.proj_drop(self.proj(_merge_heads(y)))
+        return self.proj(_merge_heads(y))
 
 
 class CrossAttention(nn.Module):

@@ -12,7 +12,7 @@ from backbone.layers.rope import RotaryEmbedding1d
 
 
 class Block(nn.Module):
-    """``x + LS(attn(LN(x)))`` then ``x + LS(mlp(LN(x), hidden))`` (timm ``Block`` with swappable layers)."""
+    """``x + LS(attn(LN(x)))`` then ``x + LS(mlp(LN(x), hidden))`` (timm's ``Block`` layout and names)."""
 
     def __init__(
         self,
@@ -22,16 +22,13 @@ class Block(nn.Module):
         qkv_bias: bool = True,
         init_values: float = 1e-5,
         drop_path: float = 0.0,
-        norm_layer: type[nn.Module] = nn.LayerNorm,
-        act_layer: type[nn.Module] = nn.GELU,
-        mlp_layer: type[nn.Module] = MatryoshkaMlp,
     ) -> None:
         super().__init__()
-        self.norm1 = norm_layer(dim)
+        self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, num_heads, qkv_bias=qkv_bias)
         self.ls1 = LayerScale(dim, init_values=init_values)
-        self.norm2 = norm_layer(dim)
-        self.mlp = mlp_layer(dim, int(dim * ffn_ratio), act_layer=act_layer)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MatryoshkaMlp(dim, int(dim * ffn_ratio))
         self.ls2 = LayerScale(dim, init_values=init_values)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 

@@ -16,28 +16,13 @@ from torch import nn
 
 
 class MatryoshkaMlp(nn.Module):
-    """GELU MLP with the signature of ``timm.layers.Mlp`` plus a ``hidden`` argument in ``forward``."""
+    """GELU MLP (``fc1 -> GELU -> fc2``, timm's ``Mlp`` names) with a ``hidden`` argument in ``forward``."""
 
-    def __init__(
-        self,
-        in_features: int,
-        hidden_features: int | None = None,
-        out_features: int | None = None,
-        act_layer: type[nn.Module] = nn.GELU,
-        norm_layer: type[nn.Module] | None = None,
-        bias: bool = True,
-        drop: float = 0.0,
-    ) -> None:
+    def __init__(self, in_features: int, hidden_features: int) -> None:
         super().__init__()
-        out_features = out_features or in_features
-        hidden_features = hidden_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
-        self.act = act_layer()
-        self.norm = norm_layer(hidden_features) if norm_layer is not None else nn.Identity()
-        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
-        self.drop = nn.Dropout(drop)
-        if norm_layer is not None:
-            raise ValueError("MatryoshkaMlp does not support a hidden norm (it would mix widths)")
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
 
     def forward(self, x: torch.Tensor, hidden: int | torch.Tensor | None = None) -> torch.Tensor:
         """Apply the MLP at ``hidden`` units.
@@ -49,9 +34,8 @@ class MatryoshkaMlp(nn.Module):
         """
         if hidden is None or isinstance(hidden, int):
             h = self.fc1.out_features if hidden is None else hidden
-            b1 = self.fc1.bias[:h] if self.fc1.bias is not None else None
-            y = self.drop(self.act(F.linear(x, self.fc1.weight[:h], b1)))
-            return self.drop(F.linear(y, self.fc2.weight[:, :h], self.fc2.bias))
+            y = self.act(F.linear(x, self.fc1.weight[:h], self.fc1.bias[:h]))
+            return F.linear(y, self.fc2.weight[:, :h], self.fc2.bias)
         if hidden.shape != (x.shape[0],):
             raise ValueError(f"per-sample hidden sizes need shape ({x.shape[0]},), got {tuple(hidden.shape)}")
         order = None

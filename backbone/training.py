@@ -1,0 +1,362 @@
+"""Joint (once-for-all) training of an AdaPerceiver backbone (DESIGN §2, "Joint training").
+
+The command line is ``python -m backbone.train`` (``backbone/train.py``); this module is the library behind it.
+
+Every step trains every setting at once: each sample draws an FFN width, the model runs ``N_max`` latents with
+the block-causal mask, and the loss is the cross-entropy of the write-out at *every* token granularity and
+*every* depth, depth ``l`` weighted by ``l`` (normalised). Deterministic for a given seed on one machine: the
+data order of an epoch and all randomness of a step are seeded from (seed, epoch) and (seed, step), so a
+resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from tqdm import tqdm
+
+from backbone.checkpoint import save_backbone
+from backbone.config import AdaPerceiverConfig
+from backbone.data import ImageDataset, load_image_folder, load_split
+from backbone.factory import create_model
+from backbone.fileio import atomic_write
+from backbone.model import AdaPerceiver
+from backbone.settings_io import dump_yaml
+from backbone.sweep import accuracy_grid
+
+STATE_FILE = "train_state.pt"
+BACKBONE_FILE = "backbone.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Options of a joint-training run; the defaults are the shipped recipe (``configs/backbone_fmnist.yaml``)."""
+
+    model: str = "adaperceiver_fmnist"  # named size (backbone.MODEL_NAMES)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # AdaPerceiverConfig fields to change
+    split: str = "backbone-train"  # training split (train[:50000]); the policy split is never trained on
+    image_folder: str | None = None  # train on a root/<class>/<image> tree instead of `split` (your own data)
+    epochs: int = 12  # passes over the split
+    batch_size: int = 256  # images per step
+    lr: float = 2e-3  # peak AdamW learning rate, reached after warm-up
+    min_lr: float = 1e-5  # final learning rate of the cosine schedule
+    warmup_epochs: float = 1.0  # linear warm-up length
+    weight_decay: float = 0.05  # AdamW decay (not on norms, biases, LayerScale, embeddings: timm's convention)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    augment: bool = False  # random shift by up to 2 px + horizontal flip (slows fitting; off by default)
+    bf16: bool = False  # bf16 autocast where the CPU has native bf16 (AVX512-BF16/AMX), else fp32 anyway
+    seed: int = 0  # seeds model init, data order, widths and augmentation
+    num_threads: int = 0  # torch intra-op threads (0 = torch's default)
+    limit_train: int = 0  # train on the first n images only (0 = all); for smoke tests
+    monitor_samples: int = 2000  # held-out policy-train images scored at each epoch end (progress only)
+    checkpoint_every: int = 200  # steps between atomic training-state checkpoints
+    out: str = ""  # run folder ("" = runs/backbone__<model>__s<seed>__<time> in the working directory)
+    data_dir: str | None = None  # Fashion-MNIST folder (default: $ADAPERCEIVER_DATA_DIR or Debian's path)
+    wandb: str = "disabled"  # disabled | offline | online
+    wandb_project: str = "adaperceiver-rl"  # Weights & Biases project of the run
+
+    def run_name(self) -> str:
+        """cleanrl-style ``backbone__{model}__s{seed}__{time}``."""
+        return f"backbone__{self.model}__s{self.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def joint_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean over granularities of the depth-weighted cross-entropy ``sum_l l * CE(k, l) / sum_l l``.
+
+    Args:
+        logits: ``(B, K, L, C)`` write-outs of every granularity and depth (``AdaPerceiver.forward_all``).
+        labels: ``(B,)`` classes.
+        label_smoothing: Cross-entropy label smoothing.
+    """
+    b, k, depth, c = logits.shape
+    per = F.cross_entropy(
+        logits.float().reshape(-1, c), labels.repeat_interleave(k * depth), label_smoothing=label_smoothing,
+        reduction="none",
+    ).view(b, k, depth)  # fmt: skip
+    weights = torch.arange(1, depth + 1, dtype=per.dtype, device=per.device)
+    return (per.mean(dim=(0, 1)) * weights).sum() / weights.sum()
+
+
+def random_shift_flip(images: torch.Tensor, max_shift: int = 2) -> torch.Tensor:
+    """Shift each image by up to ``max_shift`` px (zero fill) and flip half of them left-right."""
+    b, c, h, w = images.shape
+    padded = F.pad(images, (max_shift,) * 4)
+    oy, ox = torch.randint(0, 2 * max_shift + 1, (2, b))
+    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]  # (B, 1, 1, W)
+    out = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    flip = torch.rand(b) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+# options that shape the optimisation trajectory: a resumed run must use the saved values
+_SCHEDULE_KEYS = (
+    "model",
+    "model_overrides",
+    "split",
+    "image_folder",
+    "epochs",
+    "batch_size",
+    "lr",
+    "min_lr",
+    "warmup_epochs",
+    "weight_decay",
+    "label_smoothing",
+    "grad_clip",
+    "augment",
+    "bf16",
+    "seed",
+    "limit_train",
+)
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return seed * 1_000_003 + step
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; ``saved_step`` is the step of the last atomic training-state checkpoint (0: none)."""
+
+    def __init__(self, out: Path, saved_step: int) -> None:
+        super().__init__(f"interrupted at {out}")
+        self.out, self.saved_step = out, saved_step
+
+
+def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None = None) -> dict[str, Any]:
+    """Run (or resume) joint training; returns a summary dict. ``data`` replaces the named split (tests).
+
+    ``resume`` is a run folder (or its ``train_state.pt``); the run then continues in that folder.
+    Ctrl-C raises :class:`TrainingInterrupted` after the last checkpoint is safely on disk.
+    """
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    state_path = resolve_state(resume) if resume else None
+    out = Path(cfg.out) if cfg.out else (state_path.parent if state_path else Path("runs") / cfg.run_name())
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, **cfg.model_overrides)
+    # the held-out monitor scores Fashion-MNIST's policy split: only meaningful when training on its backbone split
+    monitored = data is None and cfg.image_folder is None and cfg.split == "backbone-train"
+    if data is None:
+        data = _load_training_data(cfg, model)
+    if cfg.limit_train:
+        data = data.subset(cfg.limit_train)
+    n = len(data)
+    steps_per_epoch = n // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size={cfg.batch_size} is larger than the {n} training images")
+    total_steps = steps_per_epoch * cfg.epochs
+
+    optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=total_steps,
+        lr_min=cfg.min_lr,
+        warmup_t=int(cfg.warmup_epochs * steps_per_epoch),
+        warmup_lr_init=cfg.lr * 0.01,
+        t_in_epochs=False,
+    )
+    step, elapsed = 0, 0.0
+    if state_path:
+        step, elapsed = _load_state(state_path, model, optimizer, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, out / "config.yaml")
+
+    monitor = None
+    if cfg.monitor_samples and monitored:
+        held_out = load_split("policy-train", cfg.data_dir).subset(cfg.monitor_samples)
+        monitor = (held_out.as_float(), held_out.labels)
+
+    use_bf16 = cfg.bf16 and native_bf16()
+    if cfg.bf16 and not use_bf16:
+        print("note: this CPU has no native bf16 (AVX512-BF16/AMX); training in fp32", file=sys.stderr)
+    run = _init_wandb(cfg, out)
+    images, labels = data.images, data.labels
+    widths = torch.tensor(model.cfg.widths)
+    saved_step = step
+    bar = tqdm(total=total_steps, initial=step, desc="joint training", unit="step", dynamic_ncols=True)
+    t_last, loss_ema = time.perf_counter(), None
+    model.train()
+    with (out / "log.jsonl").open("a") as log_file:
+        try:
+            while step < total_steps:
+                epoch, i = divmod(step, steps_per_epoch)
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(cfg.seed, -1 - epoch)))
+                idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                torch.manual_seed(_step_seed(cfg.seed, step))  # all randomness of this step
+                x = images[idx]
+                x = (random_shift_flip(x) if cfg.augment else x).float() / 255.0
+                w = sample_widths(widths, len(idx))
+                scheduler.step_update(num_updates=step)
+                loss = train_step(model, optimizer, x, labels[idx], w, use_bf16, cfg.label_smoothing, cfg.grad_clip)
+                if loss is None:
+                    raise FloatingPointError(f"loss is not finite at step {step}; lower the learning rate")
+                step += 1
+
+                now = time.perf_counter()
+                elapsed += now - t_last
+                img_s = len(idx) / max(now - t_last, 1e-9)
+                t_last = now
+                loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+                lr = optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{loss_ema:.3f}", img_s=f"{img_s:.0f}", lr=f"{lr:.2e}")
+                bar.update()
+                record: dict[str, Any] = {"step": step, "losses/joint": loss.item(), "charts/lr": lr,
+                                          "charts/img_per_s": img_s}  # fmt: skip
+                if step % steps_per_epoch == 0 and monitor is not None:
+                    record.update(_monitor(model, *monitor))
+                    model.train()
+                    summary = ", ".join(f"{k}={v:.4f}" for k, v in record.items())
+                    bar.write(f"epoch {step // steps_per_epoch}: {summary}")
+                if step % 20 == 0 or step == total_steps or len(record) > 4:
+                    log_file.write(json.dumps({**record, "wall_s": round(elapsed, 1)}) + "\n")
+                    log_file.flush()
+                    if run is not None:
+                        run.log(record, step=step)
+                if step % cfg.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
+                    _save_state(out / STATE_FILE, model, optimizer, cfg, step, elapsed)
+                    saved_step = step
+        except KeyboardInterrupt:
+            bar.close()
+            raise TrainingInterrupted(out, saved_step) from None
+    bar.close()
+
+    info = {
+        "train_config": dataclasses.asdict(cfg),
+        "steps": step,
+        "train_wall_s": round(elapsed, 1),
+        "precision": "bf16" if use_bf16 else "fp32",
+        "classes": data.classes,
+        "torch": torch.__version__,
+        "command": " ".join(["python -m backbone.train", *sys.argv[1:]]),
+    }
+    sha = save_backbone(model, out / BACKBONE_FILE, metadata=info)
+    if run is not None:
+        run.finish()
+    return {"backbone": str(out / BACKBONE_FILE), "sha256": sha, "steps": step, "wall_s": elapsed,
+            "final_loss": loss_ema}  # fmt: skip
+
+
+def resolve_state(resume: str | Path) -> Path:
+    """A run folder or its ``train_state.pt`` -> the state file; FileNotFoundError naming what is missing."""
+    path = Path(resume)
+    state = path / STATE_FILE if path.is_dir() else path
+    if not state.is_file():
+        raise FileNotFoundError(f"--resume: no {STATE_FILE} at {state} (give a run folder of backbone.train)")
+    return state
+
+
+def _load_training_data(cfg: TrainConfig, model: AdaPerceiver) -> ImageDataset:
+    """The named Fashion-MNIST split, or ``cfg.image_folder`` read at the model's input size and channels."""
+    if cfg.image_folder is None:
+        return load_split(cfg.split, cfg.data_dir)
+    c = model.cfg
+    data = load_image_folder(cfg.image_folder, c.img_size, c.in_chans)
+    if len(data.classes) != c.num_classes:
+        raise ValueError(
+            f"{cfg.image_folder} has {len(data.classes)} classes but {cfg.model} has {c.num_classes} outputs; "
+            f"add model_overrides.num_classes={len(data.classes)}"
+        )
+    return data
+
+
+def sample_widths(widths: torch.Tensor, n: int) -> torch.Tensor:
+    """One FFN width per sample, drawn uniformly from ``widths`` with torch's global RNG.
+
+    Sorted, so each width's samples form one contiguous group for the MLP (no gather/scatter); the batch order is
+    random anyway, so which sample gets which width stays random.
+    """
+    return widths[torch.randint(len(widths), (n,))].sort().values
+
+
+def train_step(
+    model: AdaPerceiver,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    widths: torch.Tensor,
+    bf16: bool,
+    label_smoothing: float = 0.0,
+    grad_clip: float = 0.0,
+) -> torch.Tensor | None:
+    """One optimizer step on the joint loss of a batch (``widths``: one per sample); returns the loss, or None (no
+    update) if it is not finite. Shared by the training loop and ``benchmarks/bench_train_step.py``."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model.forward_all(x, width=widths)
+    loss = joint_loss(logits, labels, label_smoothing)
+    if not torch.isfinite(loss):
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss
+
+
+def native_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels here. Elsewhere bf16 autocast is emulated: measured about 12x slower
+    than fp32 on an AVX2-only CPU, so ``bf16: true`` then falls back to fp32 instead of crawling."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # private op; absent in some builds -> assume not native
+        return False
+
+
+@torch.no_grad()
+def _monitor(model: AdaPerceiver, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Held-out accuracy of the full and the smallest setting (progress signal, not used for selection)."""
+    acc = accuracy_grid(model, images, labels, batch_size=500, widths=[model.cfg.widths[0], model.cfg.widths[-1]])
+    return {"monitor/acc_full": float(acc[-1, -1, -1]), "monitor/acc_smallest": float(acc[0, 0, 0])}
+
+
+def _save_state(path: Path, model, optimizer, cfg: TrainConfig, step: int, elapsed: float) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "elapsed": elapsed,
+        "train_config": dataclasses.asdict(cfg),
+        "model_config": model.cfg.to_dict(),
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _load_state(path: Path, model, optimizer, cfg: TrainConfig) -> tuple[int, float]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        saved_model = AdaPerceiverConfig.from_dict(state.get("model_config", {}))
+    except (TypeError, ValueError):
+        saved_model = None
+    if saved_model != model.cfg:
+        raise ValueError(f"{path} was saved for a different model config; cannot resume with this one")
+    saved, now = state.get("train_config", {}), dataclasses.asdict(cfg)
+    changed = sorted(k for k in _SCHEDULE_KEYS if saved.get(k) != now.get(k))
+    if changed:
+        raise ValueError(
+            f"{path} was trained with different {changed}: {[saved.get(k) for k in changed]}; "
+            "resuming would follow another schedule"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"]), float(state.get("elapsed", 0.0))
+
+
+def _init_wandb(cfg: TrainConfig, out: Path):
+    if cfg.wandb == "disabled":
+        return None
+    if cfg.wandb not in ("offline", "online"):
+        raise ValueError(f"wandb must be disabled, offline or online, got {cfg.wandb!r}")
+    import wandb
+
+    return wandb.init(project=cfg.wandb_project, mode=cfg.wandb, config=dataclasses.asdict(cfg), dir=str(out))

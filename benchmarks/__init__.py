@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print and save their figures (run with ``python -m benchmarks.NAME``)."""

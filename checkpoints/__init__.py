@@ -1,0 +1,1 @@
+"""Shipped backbone weights, installed as package data (read with ``backbone.fileio.packaged_file``)."""
