@@ -15,6 +15,7 @@ from pathlib import Path
 
 from backbone.checkpoint import DEFAULT_BACKBONE, load_backbone
 from backbone.fileio import atomic_write, display_path, write_json, write_text
+from backbone.interrupt import exits_cleanly_on_ctrl_c
 from backbone.sweep import accuracy_grid
 
 
@@ -98,6 +99,7 @@ def default_out(checkpoint: str | Path, sha256: str) -> Path:
     return checkpoint.parent
 
 
+@exits_cleanly_on_ctrl_c
 def main(argv: list[str] | None = None) -> int:
     from backbone.data import load_split
 
@@ -128,9 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing written (the evaluation writes its report only at the end)", file=sys.stderr)
-        return 130
     meta = {
         "checkpoint": display_path(args.checkpoint),
         "sha256": model.checkpoint_sha256,

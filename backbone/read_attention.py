@@ -20,6 +20,7 @@ import torch
 
 from backbone.checkpoint import DEFAULT_BACKBONE, load_backbone
 from backbone.fileio import display_path, write_json
+from backbone.interrupt import exits_cleanly_on_ctrl_c
 from backbone.model import AdaPerceiver
 
 
@@ -60,6 +61,7 @@ def read_attention_stats(
     return ReadAttentionStats(g, p, b, math.log(p), entropy.tolist(), top1.tolist(), latent_cos.tolist())
 
 
+@exits_cleanly_on_ctrl_c
 def main(argv: list[str] | None = None) -> int:
     from backbone.data import load_split
 

@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from backbone.fileio import packaged_file
+from backbone.interrupt import EXIT_INTERRUPTED
 from backbone.settings_io import build_dataclass, load_yaml, merge, parse_overrides
 from backbone.training import TrainConfig, TrainingInterrupted, train
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         rerun = " ".join(["python -m backbone.train", *(argv if argv is not None else sys.argv[1:])])
         hint = f"; resume with: {rerun} --resume {e.out}" if e.saved_step else ""
         print(f"interrupted: {saved}{hint}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     print(json.dumps(summary, indent=2))
     return 0
 

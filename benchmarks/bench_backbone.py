@@ -24,6 +24,7 @@ import torch
 
 from backbone import AdaPerceiver, create_model, load_backbone
 from backbone.fileio import write_json
+from backbone.interrupt import exits_cleanly_on_ctrl_c
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -71,6 +72,7 @@ def bench_setting(model: AdaPerceiver, x: torch.Tensor, setting: tuple[int, int,
     }
 
 
+@exits_cleanly_on_ctrl_c
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip

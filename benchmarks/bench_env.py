@@ -27,6 +27,7 @@ import torch
 from backbone import DEFAULT_BACKBONE, AdaPerceiver, create_model, load_backbone
 from backbone.data import SPLITS, load_split
 from backbone.fileio import write_json
+from backbone.interrupt import exits_cleanly_on_ctrl_c
 from envs import AdaPerceiverComputeEnv, OutcomeTable, load_or_build
 
 
@@ -46,6 +47,7 @@ def table_mode_steps_per_s(env: AdaPerceiverComputeEnv, actions: np.ndarray, rep
     return rates
 
 
+@exits_cleanly_on_ctrl_c
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip

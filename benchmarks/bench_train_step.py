@@ -25,6 +25,7 @@ from timm.optim import create_optimizer_v2
 
 from backbone import MODEL_NAMES, create_model
 from backbone.fileio import write_json
+from backbone.interrupt import exits_cleanly_on_ctrl_c
 from backbone.training import TrainConfig, native_bf16, sample_widths, train_step
 
 
@@ -49,6 +50,7 @@ def step_seconds(model_name: str, batch_size: int, bf16: bool, repeats: int, com
     return times
 
 
+@exits_cleanly_on_ctrl_c
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                         "img_per_s": args.batch_size / statistics.median(times)}  # fmt: skip
         print(f"{name:14s} median {statistics.median(times):6.2f} s/step = {result[name]['img_per_s']:6.1f} img/s "
               f"(steps: {', '.join(f'{t:.2f}' for t in times)})", flush=True)  # fmt: skip
-    ratio = result["bf16_autocast"]["median_step_s"] / result["fp32"]["median_step_s"]
+    ratio = result["fp32"]["median_step_s"] / result["bf16_autocast"]["median_step_s"]
     result["bf16_over_fp32_time"] = ratio
     print(f"bf16 autocast takes {ratio:.2f}x the fp32 step time; native bf16 on this CPU: {result['native_bf16']}")
     if args.compile:

@@ -1,6 +1,6 @@
 """Where do controllers sit? Every fixed setting, confidence early exit, random, oracle and controllers.
 
-    python -m policy.ablation --penalties 0.01 0.03 0.1 0.3 [--policies RUN ...] [--out docs/results]
+    python -m policy.ablation --penalties 0.01 0.03 0.1 0.3 [--policies RUN ...] [--out FOLDER]
 
 Controllers not given with --policies are trained with the same code as ``train_policy.py`` (into
 ``--runs-dir``; a finished run there is reused). Everything is scored on the test split's outcome table and
@@ -20,6 +20,7 @@ import numpy as np
 from backbone.data import DataError
 from backbone.fileio import atomic_write, write_json
 from backbone.flops import flops_breakdown
+from backbone.interrupt import EXIT_INTERRUPTED
 from envs import get_observation
 from policy.baselines import early_exit, oracle, random_matched
 from policy.config import DEFAULT_POLICY_CONFIG, build_policy_config
@@ -39,9 +40,10 @@ def find_or_train(cfg_kwargs: dict, penalty: float, given: dict[float, Path], ru
     if (run / "eval.json").is_file():
         print(f"reusing controller {run}", file=sys.stderr)
         return run
-    print(f"training controller for penalty {penalty:g} -> {run}", file=sys.stderr)
+    resume = str(run) if (run / "policy.zip").is_file() else None  # an interrupted earlier run is finished
+    print(f"{'finishing' if resume else 'training'} controller for penalty {penalty:g} -> {run}", file=sys.stderr)
     cfg = build_policy_config(**{**cfg_kwargs, "flops_penalty": penalty, "seed": seed, "out": str(run)})
-    train_controller(cfg, progress=False)
+    train_controller(cfg, resume=resume, progress=False)
     return run
 
 
@@ -259,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timesteps", type=int, help="PPO timesteps of newly trained controllers")
     parser.add_argument("--seed", type=int, default=0, help="seed of new controllers and of the random baseline")
     parser.add_argument("--runs-dir", default="runs/ablation", help="where missing controllers are trained")
-    parser.add_argument("--out", default="docs/results", help="folder for ablation.json, ablation.md, pareto.png")
+    parser.add_argument(
+        "--out", help="folder for ablation.json, ablation.md, pareto.png (default: a new RUNS_DIR/report__<time>)"
+    )
     parser.add_argument("--data-dir", help="Fashion-MNIST folder")
     parser.add_argument("--train-limit", type=int, help="first N policy-train images only (smoke tests)")
     parser.add_argument("--eval-limit", type=int, help="first N test images only (smoke tests)")
@@ -274,8 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: finished controllers stay in {args.runs_dir} (an interrupted one is saved and finished "
+              "on the next run); rerun the same command to continue", file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path(args.runs_dir) / f"report__{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "ablation.json", result, indent=1)
     write_markdown(result, out / "ablation.md")

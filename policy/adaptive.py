@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from backbone.checkpoint import load_backbone
+from backbone.checkpoint import DEFAULT_BACKBONE, load_backbone
 from backbone.settings import Setting
 from envs import get_observation
 from envs.observations import run_probe
@@ -57,7 +57,7 @@ class AdaptiveClassifier:
     ) -> AdaptiveClassifier:
         """Load a run folder (or its ``policy.json``); refuse a backbone other than the one it was trained for."""
         zip_path, sidecar = resolve_run(run)
-        model = load_backbone(backbone or sidecar["backbone_path"], device=device)
+        model = load_backbone(backbone or sidecar.get("backbone_path") or DEFAULT_BACKBONE, device=device)
         check_compatible(sidecar, model.checkpoint_sha256, model.grid, sidecar["observation"])
         ppo = load_ppo(zip_path, device=device)
         return cls(model, ppo.policy, sidecar["observation"])

@@ -21,6 +21,7 @@ import torch
 
 from backbone.data import DataError, load_split
 from backbone.fileio import write_json
+from backbone.interrupt import exits_cleanly_on_ctrl_c
 from policy.adaptive import AdaptiveClassifier
 
 
@@ -77,6 +78,7 @@ def benchmark(clf: AdaptiveClassifier, images: torch.Tensor, batch_sizes: list[i
     }
 
 
+@exits_cleanly_on_ctrl_c
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m policy.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", required=True, help="run folder written by train_policy.py")

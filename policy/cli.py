@@ -8,9 +8,9 @@ import sys
 from policy.config import DEFAULT_POLICY_CONFIG
 
 DESCRIPTION = """Train a PPO controller that picks (tokens, depth, width) per input for a frozen AdaPerceiver
-backbone, then report what it buys on the test split. Defaults come from configs/policy.yaml; every option below
-overrides it. Writes policy.zip, policy.json, config.yaml, eval.json, timing.json and progress.csv to the run
-folder."""
+backbone, then report what it buys on the test split. Defaults come from configs/policy.yaml (shipped with the
+package); every option below overrides it. Writes policy.zip, policy.json, config.yaml, eval.json, timing.json
+and progress.csv to the run folder. Ctrl-C saves the policy and prints the command that resumes it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(DEFAULT_POLICY_CONFIG),
         help="YAML file with PolicyConfig defaults (default: %(default)s)",
     )
-    p.add_argument("--backbone", help="backbone .safetensors (default: checkpoints/adaperceiver_fmnist.safetensors)")
+    p.add_argument("--backbone", help="backbone .safetensors (default: the shipped Fashion-MNIST backbone)")
     p.add_argument(
         "--data-dir",
         help="Fashion-MNIST folder (default: $ADAPERCEIVER_DATA_DIR or /usr/share/datasets/"
@@ -41,14 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="accuracy term of the reward: 0/1 correctness or minus the cross-entropy (default correct)",
     )
     p.add_argument("--observation", help="observation spec: pooled_probe (default), pooled or probe")
-    p.add_argument("--out", help="run folder (default: runs/fmnist__p<penalty>__s<seed>__<time>)")
+    p.add_argument(
+        "--out", help="run folder (default: runs/fmnist__p<penalty>__s<seed>__<time> in the working directory)"
+    )
     p.add_argument(
         "--wandb",
         choices=["disabled", "offline", "online"],
         help="Weights & Biases logging; offline works without network (default disabled)",
     )
     p.add_argument(
-        "--resume", metavar="RUN", help="run folder (or its policy.zip) to continue training until --timesteps in total"
+        "--resume",
+        metavar="RUN",
+        help="run folder (or its policy.zip) to finish in place: PPO continues from its last checkpoint until "
+        "--timesteps in total, then RUN gets the evaluation",
     )
     p.add_argument("--device", help="torch device of the controller (default cpu; the MLP is tiny)")
     p.add_argument("--train-limit", type=int, help="train on the first N policy-train images only (smoke tests)")
@@ -63,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from backbone.data import DataError
+    from backbone.interrupt import EXIT_INTERRUPTED
     from policy.config import build_policy_config
     from policy.evaluation import format_report
-    from policy.training import train_controller
+    from policy.training import ControllerInterrupted, train_controller
 
     try:
         cfg = build_policy_config(
@@ -89,6 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ControllerInterrupted as e:
+        print(f"interrupted: policy saved at {e.timesteps} timesteps in {e.out}; resume with: "
+              f"python train_policy.py --resume {e.out}", file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("interrupted before PPO started: no controller saved (finished outcome tables stay cached)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
     print(format_report(metrics))
     print(f"run folder: {out}")
     return 0

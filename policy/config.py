@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backbone.fileio import packaged_file
 from backbone.settings_io import build_dataclass, load_yaml, merge
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_POLICY_CONFIG = REPO_ROOT / "configs" / "policy.yaml"
+DEFAULT_POLICY_CONFIG = packaged_file("configs", "policy.yaml")
 REWARDS = ("correct", "neg_ce")
 WANDB_MODES = ("disabled", "offline", "online")
 
@@ -45,11 +45,11 @@ class PolicyConfig:
     max_grad_norm: float = 0.5  # gradient clip
     net_arch: list[int] = field(default_factory=lambda: [64, 64])  # hidden sizes of the policy and value MLPs
     checkpoint_every: int = 50_000  # timesteps between atomic policy checkpoints
-    out: str | None = None  # run folder (None = runs/<name>)
+    out: str | None = None  # run folder (None = runs/<run_name()> in the working directory)
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "adaperceiver-rl"
     device: str = "cpu"  # torch device of the controller (the MLP is tiny: cpu is fastest)
-    cache_dir: str | None = None  # outcome-table cache (None = $ADAPERCEIVER_CACHE_DIR or ~/.cache/...)
+    cache_dir: str | None = None  # outcome-table cache (None = $ADAPERCEIVER_CACHE_DIR or ~/.cache/.../tables)
 
     def __post_init__(self) -> None:
         if not isinstance(self.flops_penalty, (int, float)) or not math.isfinite(self.flops_penalty):

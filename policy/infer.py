@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from backbone.data import FASHION_MNIST_CLASSES, IMAGE_SUFFIXES
 from backbone.fileio import write_json
+from backbone.interrupt import exits_cleanly_on_ctrl_c
 from policy.adaptive import AdaptiveClassifier
 
 
@@ -58,6 +59,7 @@ def class_names(backbone) -> list[str]:
     return [str(i) for i in range(backbone.cfg.num_classes)]
 
 
+@exits_cleanly_on_ctrl_c
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m policy.infer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", required=True, help="run folder written by train_policy.py (or its policy.json)")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.logger import CSVOutputFormat, KVWriter, Logger
+from stable_baselines3.common.logger import KVWriter, Logger
 
 from backbone.checkpoint import DEFAULT_BACKBONE, CheckpointError, load_backbone
 from backbone.data import load_split
@@ -26,9 +26,8 @@ from envs import OutcomeTable, get_observation, load_or_build, make_vec_env
 from policy.config import PolicyConfig
 from policy.controller import actor_flops, choose_actions, load_ppo, save_ppo_atomic
 from policy.evaluation import evaluate_actions
+from policy.run_folder import PROGRESS, TIMING, ResumableCSV, Timing
 from policy.sidecar import POLICY_ZIP, SIDECAR, check_compatible, resolve_run, versions, write_sidecar
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_backbone_for(path: str | None):
@@ -70,11 +69,14 @@ class _WandbWriter(KVWriter):
 
 
 class _AtomicCheckpoint(BaseCallback):
-    """Every ``every`` timesteps write ``policy.zip`` + ``policy.json`` atomically (resumable with --resume)."""
+    """Every ``every`` timesteps write ``policy.zip`` + ``policy.json`` (+ timing) atomically, for ``--resume``."""
 
     def __init__(self, every: int, save) -> None:
         super().__init__()
         self.every, self.save, self.last = every, save, 0
+
+    def _init_callback(self) -> None:
+        self.last = self.num_timesteps  # a resumed run counts from where it was saved
 
     def _on_step(self) -> bool:
         if self.every > 0 and self.num_timesteps - self.last >= self.every:
@@ -83,20 +85,43 @@ class _AtomicCheckpoint(BaseCallback):
         return True
 
 
+class ControllerInterrupted(KeyboardInterrupt):
+    """Ctrl-C during PPO: the policy was saved at ``timesteps`` in ``out`` and the run can be resumed."""
+
+    def __init__(self, out: Path, timesteps: int) -> None:
+        super().__init__(f"interrupted at {timesteps} timesteps")
+        self.out, self.timesteps = out, timesteps
+
+
+def run_folder(cfg: PolicyConfig, resume: str | None) -> Path:
+    """The run folder: ``--resume RUN`` continues RUN itself; else ``cfg.out`` or ``runs/<run name>`` (cwd)."""
+    if resume:
+        zip_path, _ = resolve_run(resume)
+        if cfg.out and Path(cfg.out).resolve() != zip_path.parent.resolve():
+            raise ValueError(f"--resume continues {zip_path.parent} in place; drop --out {cfg.out} or make it the same")
+        return zip_path.parent
+    out = Path(cfg.out) if cfg.out else Path("runs") / cfg.run_name()
+    if (out / POLICY_ZIP).exists():
+        raise ValueError(f"{out} already holds a controller; continue it with --resume {out} or choose another --out")
+    return out
+
+
 def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: bool = True) -> tuple[Path, dict]:
-    """Train (or resume) a controller; write the run folder; return (run folder, eval metrics)."""
+    """Train (or resume) a controller; write the run folder; return (run folder, eval metrics).
+
+    Ctrl-C during PPO saves the policy and raises :class:`ControllerInterrupted` (resume with ``resume=out``).
+    """
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
+    out = run_folder(cfg, resume)
     model = load_backbone_for(cfg.backbone)
     train_table = outcome_table(model, cfg, cfg.train_split, cfg.train_limit, progress)
     eval_table = outcome_table(model, cfg, cfg.eval_split, cfg.eval_limit, progress)
     t_tables = time.perf_counter() - t0
     torch.set_num_threads(1)  # the controller MLP is tiny: one thread is fastest and keeps runs reproducible
 
-    out = Path(cfg.out) if cfg.out else REPO_ROOT / "runs" / cfg.run_name()
-    out.mkdir(parents=True, exist_ok=True)
     vec = make_vec_env(
         n_envs=cfg.n_envs,
         seed=cfg.seed,
@@ -133,7 +158,7 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
         )
     controller_flops = int(train_table.obs_flops) + actor_flops(ppo.policy)
     sidecar_base = {
-        "backbone_path": str(model.checkpoint_path),
+        "backbone_path": None if cfg.backbone is None else str(Path(cfg.backbone).resolve()),  # None = shipped
         "backbone_sha256": model.checkpoint_sha256,
         "grid": grid.to_json(),
         "observation": cfg.observation,
@@ -147,27 +172,41 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
         "train_split": cfg.train_split,
         "versions": versions(),
     }
+    start_timesteps = int(ppo.num_timesteps)
+    timing = Timing(out / TIMING, resume=bool(resume))
+    t1 = time.perf_counter()
+
+    def part() -> dict[str, Any]:
+        now = time.perf_counter()
+        return {"tables_s": t_tables, "ppo_s": now - t1, "total_s": now - t0, "timesteps_from": start_timesteps,
+                "timesteps_to": int(ppo.num_timesteps)}  # fmt: skip
 
     def save(ppo_model: PPO) -> None:
         save_ppo_atomic(ppo_model, out / POLICY_ZIP)
         write_sidecar(out / SIDECAR, {**sidecar_base, "timesteps": int(ppo_model.num_timesteps)})
+        timing.write(part())
 
     run = _init_wandb(cfg, out)
-    writers = [CSVOutputFormat(str(out / "progress.csv"))] + ([_WandbWriter(run)] if run else [])
+    writers = [ResumableCSV(out / PROGRESS, keep_until=start_timesteps)] + ([_WandbWriter(run)] if run else [])
     ppo.set_logger(Logger(str(out), writers))
     dump_yaml(cfg, out / "config.yaml")
     remaining = cfg.timesteps - ppo.num_timesteps
-    t1 = time.perf_counter()
-    if remaining > 0:
-        ppo.learn(
-            remaining,
-            callback=_AtomicCheckpoint(cfg.checkpoint_every, save),
-            progress_bar=progress,
-            reset_num_timesteps=not resume,
-        )
-    t_ppo = time.perf_counter() - t1
+    try:
+        if remaining > 0:
+            ppo.learn(
+                remaining,
+                callback=_AtomicCheckpoint(cfg.checkpoint_every, save),
+                progress_bar=progress,
+                reset_num_timesteps=not resume,
+            )
+    except KeyboardInterrupt:
+        save(ppo)
+        vec.close()
+        raise ControllerInterrupted(out, int(ppo.num_timesteps)) from None
     save(ppo)
     vec.close()
+    for writer in writers:
+        writer.close()
 
     reused = get_observation(cfg.observation).reused_flops(model)
     metrics = evaluate_actions(eval_table, choose_actions(ppo.policy, eval_table.obs), controller_flops, reused)
@@ -179,10 +218,7 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
         **metrics,
     }
     write_json(out / "eval.json", metrics)
-    write_json(
-        out / "timing.json",
-        {"tables_s": round(t_tables, 1), "ppo_s": round(t_ppo, 1), "total_s": round(time.perf_counter() - t0, 1)},
-    )
+    timing.write(part())
     if run is not None:
         run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         run.finish()
@@ -199,4 +235,4 @@ def _init_wandb(cfg: PolicyConfig, out: Path):
     )
 
 
-__all__ = ["CheckpointError", "load_backbone_for", "outcome_table", "train_controller"]
+__all__ = ["CheckpointError", "ControllerInterrupted", "load_backbone_for", "outcome_table", "train_controller"]
