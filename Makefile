@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data test test-slow lint demo bench results clean
+.PHONY: install data test test-slow lint demo bench results check-install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,23 +37,36 @@ demo: install
 	$(PY) train_policy.py --flops-penalty 0.3
 
 bench: install
-	$(PY) benchmarks/bench_backbone.py
-	$(PY) benchmarks/bench_env.py
-	$(PY) benchmarks/bench_train_step.py
+	$(PY) -m benchmarks.bench_backbone
+	$(PY) -m benchmarks.bench_env
+	$(PY) -m benchmarks.bench_train_step
+
+# A non-editable `pip install .` into a fresh venv, then every console script from an empty folder outside the
+# repository (issue 17): --help of each, and a short controller run on the shipped backbone.
+CHECK_VENV ?= /tmp/adaperceiver-venv-check
+CHECK_DIR ?= /tmp/adaperceiver-empty-folder
+check-install: data
+	rm -rf $(CHECK_VENV) $(CHECK_DIR) && mkdir -p $(CHECK_DIR)
+	$(PYTHON) -m venv $(CHECK_VENV)
+	$(CHECK_VENV)/bin/pip install -q .
+	cd $(CHECK_DIR) && for s in $(CHECK_VENV)/bin/adaperceiver-*; do $$s --help > /dev/null && echo "ok: $$(basename $$s) --help"; done
+	cd $(CHECK_DIR) && $(CHECK_VENV)/bin/adaperceiver-train-policy --timesteps 2048 --train-limit 1000 --eval-limit 500 --no-progress --cache-dir $(CHECK_DIR)/cache
+	ls $(CHECK_DIR)/runs/*
 
 # Regenerate every committed figure under docs/results from the shipped backbone (about 35 minutes on 2 cores;
 # one heavy job at a time). The backbone itself: python -m backbone.train --config configs/backbone_fmnist.yaml
 RESULTS := docs/results
 results: install
-	$(PY) -m backbone.evaluate --split test
+	$(PY) -m backbone.evaluate --split test --out $(RESULTS)
 	$(PY) -m backbone.read_attention --json $(RESULTS)/read_attention_test.json
-	rm -rf runs/p0.3 runs/p0.01 runs/ablation
+	rm -rf runs/p0.3 runs/p0.01 runs/ablation $(RESULTS)/demo_p0.3
+	ADAPERCEIVER_CACHE_DIR=$$(mktemp -d) $(PY) train_policy.py --flops-penalty 0.3 --seed 0 --out $(RESULTS)/demo_p0.3 --no-progress
 	$(PY) train_policy.py --flops-penalty 0.3 --out runs/p0.3
 	$(PY) train_policy.py --flops-penalty 0.01 --out runs/p0.01
 	$(PY) -m policy.ablation --penalties 0.01 0.03 0.1 0.3 --policies runs/p0.01 runs/p0.3 --out $(RESULTS)
-	$(PY) benchmarks/bench_backbone.py --json $(RESULTS)/bench_backbone.json
-	$(PY) benchmarks/bench_env.py --json $(RESULTS)/bench_env.json
-	$(PY) benchmarks/bench_train_step.py --json $(RESULTS)/bench_train_step.json
+	$(PY) -m benchmarks.bench_backbone --json $(RESULTS)/bench_backbone.json
+	$(PY) -m benchmarks.bench_env --json $(RESULTS)/bench_env.json
+	$(PY) -m benchmarks.bench_train_step --json $(RESULTS)/bench_train_step.json
 	for i in 1 2 3; do $(PY) -m policy.benchmark --policy runs/p0.3 --json $(RESULTS)/bench_adaptive_p0.3/run$$i.json; done
 
 clean:

@@ -115,3 +115,25 @@ def test_sigkill_then_resume_drops_the_rows_after_the_checkpoint(setup) -> None:
     saved = json.loads((run / "policy.json").read_text())["timesteps"]
     assert _timesteps(run)[-1] > saved, "rows logged after the last checkpoint exist before the resume"
     _resume_and_check(setup, run)
+
+
+def test_ctrl_c_during_backbone_training_says_how_to_resume(tmp_path: Path) -> None:
+    run = tmp_path / "backbone_run"
+    args = [sys.executable, "-m", "backbone.train", "model=adaperceiver_test", "epochs=1", "batch_size=8",
+            "limit_train=4000", "checkpoint_every=10", "monitor_samples=0", "--out", str(run)]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not (run / "train_state.pt").is_file():
+        time.sleep(0.05)
+    assert proc.poll() is None, f"training ended before it could be interrupted: {proc.communicate()}"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    last = err.strip().splitlines()[-1]  # tqdm's bar may precede it on stderr; no traceback follows
+    assert last.startswith("interrupted: training state of step") and f"--resume {run}" in last
+    assert "Traceback" not in err and not (run / "backbone.safetensors").exists()
+    done = subprocess.run([*args[:-2], "--resume", str(run)], cwd=tmp_path, env=_env(), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["steps"] == 500 and (run / "backbone.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone_run"], "resume writes into the same folder"
