@@ -28,6 +28,7 @@ class AdaPerceiverConfig:
     stem: Literal["patch", "conv"] = "conv"  # "patch": one conv k=s=patch; "conv": 3x3 convs + GELU, conv to patch
     stem_dims: tuple[int, ...] = (32,)  # channels of the "conv" stem's 3x3 convs
     stem_strides: tuple[int, ...] = ()  # stride of each of those convs; () = 2 for the first, 1 for the rest
+    stem_exits: tuple[int, ...] = ()  # input-side axis: after these many convs (< all) the stem can exit early
     patch_context_kernel: int = 0  # odd k: add a depthwise k x k conv over the patch grid to the tokens; 0 = none
     patch_dim: int = 0  # width of the patch tokens the read attends over; 0 = embed_dim (narrower = cheaper read k/v)
     # --- latent transformer ------------------------------------------------------------------------------------
@@ -46,7 +47,7 @@ class AdaPerceiverConfig:
 
     def __post_init__(self) -> None:
         # normalise lists (from YAML/JSON) to tuples so configs compare and hash by value
-        for name in ("mean", "std", "token_granularities", "widths", "stem_dims", "stem_strides"):
+        for name in ("mean", "std", "token_granularities", "widths", "stem_dims", "stem_strides", "stem_exits"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         self.validate()
 
@@ -70,6 +71,20 @@ class AdaPerceiverConfig:
                     f"stem_strides needs one positive stride per stem_dims entry ({len(self.stem_dims)}) whose "
                     f"product divides patch_size={self.patch_size}, got {self.stem_strides}"
                 )
+        exits = self.stem_exits
+        if exits:
+            if self.stem != "conv":
+                raise ValueError(f"stem_exits needs the conv stem (stem: conv), got stem={self.stem!r}")
+            n = len(self.stem_dims)
+            if list(exits) != sorted(set(exits)) or exits[0] < 1 or exits[-1] >= n:
+                raise ValueError(f"stem_exits must be strictly increasing conv counts in 1..{n - 1}, got {exits}")
+            grid = self.img_size // self.patch_size
+            for e in exits:
+                if self.stem_side(e) % grid:
+                    raise ValueError(
+                        f"stem_exits: after {e} conv(s) the feature map is {self.stem_side(e)} px wide, not a "
+                        f"multiple of the {grid} x {grid} patch grid"
+                    )
         if self.patch_dim < 0:
             raise ValueError(f"patch_dim must be 0 (= embed_dim) or a positive token width, got {self.patch_dim}")
         k = self.patch_context_kernel
@@ -95,6 +110,18 @@ class AdaPerceiverConfig:
     def conv_stem_strides(self) -> tuple[int, ...]:
         """Stride of each 3x3 conv of the conv stem (``stem_strides``, or 2 then 1s when it is empty)."""
         return self.stem_strides or (2,) + (1,) * (len(self.stem_dims) - 1)
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        """The input-side axis: number of stem convs run at each stage (``stem_exits`` + all of them)."""
+        return (*self.stem_exits, len(self.stem_dims)) if self.stem == "conv" else (1,)
+
+    def stem_side(self, convs: int) -> int:
+        """Side in pixels of the conv stem's feature map after its first ``convs`` convolutions (padded 3x3)."""
+        side = self.img_size
+        for stride in self.conv_stem_strides[:convs]:
+            side = -(-side // stride)
+        return side
 
     @property
     def token_dim(self) -> int:

@@ -26,23 +26,41 @@ if TYPE_CHECKING:
 SHARED_PARTS = ("embed", "read_kv")
 
 
-def flops_breakdown(cfg: AdaPerceiverConfig, num_tokens: int, depth: int, width: int) -> dict[str, int]:
-    """FLOPs per image of each part of the forward pass at setting ``(num_tokens, depth, width)``."""
-    g, d, p, c, t = num_tokens, cfg.embed_dim, cfg.num_patches, cfg.num_classes, cfg.token_dim
-    h = cfg.hidden_dim(width)
+def stem_conv_flops(cfg: AdaPerceiverConfig, convs: int) -> int:
+    """FLOPs per image of the conv stem's first ``convs`` 3x3 convolutions (what a deeper stage continues from)."""
+    total = 0
+    for i, (c_in, c_out) in enumerate(zip((cfg.in_chans, *cfg.stem_dims[:-1]), cfg.stem_dims[:convs], strict=False)):
+        side = cfg.stem_side(i + 1)
+        total += 2 * side * side * 9 * c_in * c_out
+    return total
+
+
+def embed_flops(cfg: AdaPerceiverConfig, stage: int | None = None) -> int:
+    """FLOPs per image of the input adapter at ``stage`` (stem convs run; None = all): convs, projection to the
+    patch tokens (an early exit's 1x1 after pooling, or the full projection), patch context."""
+    p, t = cfg.num_patches, cfg.token_dim
     if cfg.stem == "conv":
-        embed, side, strides = 0, cfg.img_size, cfg.conv_stem_strides
-        for c_in, c_out, stride in zip((cfg.in_chans, *cfg.stem_dims[:-1]), cfg.stem_dims, strides, strict=True):
-            side = -(-side // stride)  # output side of a padded 3x3 conv
-            embed += 2 * side * side * 9 * c_in * c_out
-        rest = cfg.patch_size // math.prod(strides)
-        embed += 2 * p * cfg.stem_dims[-1] * rest**2 * t
+        stage = cfg.stages[-1] if stage is None else stage
+        embed = stem_conv_flops(cfg, stage)
+        if stage == cfg.stages[-1]:
+            rest = cfg.patch_size // math.prod(cfg.conv_stem_strides)
+            embed += 2 * p * cfg.stem_dims[-1] * rest**2 * t
+        else:  # average pooling is element-wise (not counted), then a 1x1 conv on the patch grid
+            embed += 2 * p * cfg.stem_dims[stage - 1] * t
     else:
         embed = 2 * p * cfg.in_chans * cfg.patch_size**2 * t
-    embed += 2 * p * t * cfg.patch_context_kernel**2  # depthwise conv over the patch grid (0 when off)
+    return embed + 2 * p * t * cfg.patch_context_kernel**2  # depthwise conv over the patch grid (0 when off)
+
+
+def flops_breakdown(
+    cfg: AdaPerceiverConfig, num_tokens: int, depth: int, width: int, stage: int | None = None
+) -> dict[str, int]:
+    """FLOPs per image of each part of the forward pass at setting ``(num_tokens, depth, width, stage)``."""
+    g, d, p, c, t = num_tokens, cfg.embed_dim, cfg.num_patches, cfg.num_classes, cfg.token_dim
+    h = cfg.hidden_dim(width)
     block = 6 * g * d * d + 4 * g * g * d + 2 * g * d * d + 4 * g * d * h  # qkv, attention, proj, MLP
     return {
-        "embed": embed,  # stem convolution(s) and patch context
+        "embed": embed_flops(cfg, stage),  # stem convolution(s), projection to tokens, patch context
         "read_kv": 4 * p * t * d,  # keys/values of all patches
         "read": 2 * g * d * d + 4 * g * p * d + 2 * g * d * d,  # latent queries, attention, out proj
         "blocks": depth * block,

@@ -34,15 +34,22 @@ Width = int | Sequence[int] | torch.Tensor | None
 
 @dataclass
 class PatchMemory:
-    """What every setting shares for a batch: the patch tokens and the read's keys/values over them."""
+    """What every setting of one stage shares for a batch: the patch tokens and the read's keys/values over them.
+
+    ``features`` is the conv stem's feature map at ``stage`` (None for a patch stem or per-sample stages), kept so
+    that a deeper stage can continue from it (:meth:`AdaPerceiver.continue_embed`).
+    """
 
     tokens: torch.Tensor  # (B, P, token_dim) patch embedding + position embedding
     k: torch.Tensor  # (B, heads, P, head_dim)
     v: torch.Tensor  # (B, heads, P, head_dim)
+    features: torch.Tensor | None = None  # (B, C, H, W) stem feature map the tokens were projected from
+    stage: int | None = None  # stem convs run (an entry of cfg.stages); None = per-sample stages
 
     def __getitem__(self, index: torch.Tensor | slice) -> PatchMemory:
         """Rows of the batch (used to run a group of samples at one setting)."""
-        return PatchMemory(self.tokens[index], self.k[index], self.v[index])
+        features = None if self.features is None else self.features[index]
+        return PatchMemory(self.tokens[index], self.k[index], self.v[index], features, self.stage)
 
 
 class AdaPerceiver(nn.Module):
@@ -56,7 +63,9 @@ class AdaPerceiver(nn.Module):
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
         if cfg.stem == "conv":
-            self.stem = ConvStem(cfg.img_size, cfg.patch_size, cfg.in_chans, t, cfg.stem_dims, cfg.conv_stem_strides)
+            self.stem = ConvStem(
+                cfg.img_size, cfg.patch_size, cfg.in_chans, t, cfg.stem_dims, cfg.conv_stem_strides, cfg.stem_exits
+            )
         else:
             self.stem = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, t)  # one conv, kernel = stride = patch
         k = cfg.patch_context_kernel
@@ -145,13 +154,76 @@ class AdaPerceiver(nn.Module):
         if not torch.isfinite(x).all():
             raise ValueError("input contains NaN or infinite values")
 
+    def resolve_stage(self, stage: int | None) -> int:
+        """``None`` -> the deepest stage; ValueError unless ``stage`` is one of ``cfg.stages``."""
+        stages = self.cfg.stages
+        s = stages[-1] if stage is None else _as_int(stage, "stage")
+        if s not in stages:
+            raise ValueError(f"stage={s} is not an input stage of this model; choose one of {list(stages)}")
+        return s
+
     # --- the shared part ---------------------------------------------------------------------------------------
-    def embed(self, x: torch.Tensor) -> PatchMemory:
-        """Normalise, patchify and project the read's keys/values: the work every setting shares."""
+    def embed(self, x: torch.Tensor, stage: int | None = None) -> PatchMemory:
+        """Normalise, run the stem to ``stage`` (None = all of it) and project the read's keys/values: the work
+        every setting of that stage shares."""
         self.check_input(x)
-        tokens = self.patch_context(self.stem((x - self.mean) / self.std)) + self.pos_embed
+        stage = self.resolve_stage(stage)
+        x = (x - self.mean) / self.std
+        if self.cfg.stem != "conv":
+            return self._memory(self.stem(x), None, stage)
+        features = self.stem.features(x, 0, stage)
+        return self._memory(self.stem.tokens(features, stage), features, stage)
+
+    def continue_embed(self, memory: PatchMemory, stage: int | None = None) -> PatchMemory:
+        """The memory of a deeper ``stage``, continuing the stem from ``memory``'s feature map (nothing redone)."""
+        stage = self.resolve_stage(stage)
+        if memory.stage == stage:
+            return memory
+        if memory.features is None or memory.stage is None or memory.stage > stage:
+            raise ValueError(f"cannot continue a stage-{memory.stage} memory to stage {stage}")
+        features = self.stem.features(memory.features, memory.stage, stage)
+        return self._memory(self.stem.tokens(features, stage), features, stage)
+
+    def embed_per_sample(self, x: torch.Tensor, stages: torch.Tensor) -> PatchMemory:
+        """Memory whose row ``i`` is at stage ``stages[i]`` (joint training over the input-side axis).
+
+        Rows are sorted deepest first, so the rows still in the stem are a prefix of the batch: each convolution
+        runs once, on exactly the rows that need it, and each row exits through its own stage's projection.
+        """
+        self.check_input(x)
+        if stages.shape != (x.shape[0],):
+            raise ValueError(f"need one stage per image ({x.shape[0]}), got shape {tuple(stages.shape)}")
+        bad = sorted(set(stages.tolist()) - set(self.cfg.stages))
+        if bad:
+            raise ValueError(f"stages {bad} are not input stages of this model; choose from {list(self.cfg.stages)}")
+        order = torch.argsort(stages, descending=True, stable=True)
+        sorted_stages = stages[order]
+        h = ((x - self.mean) / self.std)[order]
+        tokens = h.new_empty(x.shape[0], self.cfg.num_patches, self.cfg.token_dim)
+        done = 0
+        for stage in self.cfg.stages:
+            alive = int((sorted_stages >= stage).sum())
+            if alive == 0:
+                break
+            h = self.stem.features(h[:alive], done, stage)
+            done = stage
+            first = int((sorted_stages > stage).sum())  # rows exiting here are the tail of the running prefix
+            if first < alive:
+                tokens[first:alive] = self.stem.tokens(h[first:alive], stage).to(tokens.dtype)
+        unsorted = torch.empty_like(tokens)
+        unsorted[order] = tokens
+        return self._memory(unsorted, None, None)
+
+    def _memory(self, tokens: torch.Tensor, features: torch.Tensor | None, stage: int | None) -> PatchMemory:
+        tokens = self.patch_context(tokens) + self.pos_embed
         k, v = self.read.project_kv(tokens)
-        return PatchMemory(tokens, k, v)
+        return PatchMemory(tokens, k, v, features, stage)
+
+    def _as_memory(self, x: torch.Tensor | PatchMemory, stage: int | None) -> PatchMemory:
+        """Images -> their memory at ``stage``; a memory -> itself, continued to ``stage`` when one is given."""
+        if isinstance(x, PatchMemory):
+            return x if stage is None else self.continue_embed(x, stage)
+        return self.embed(x, stage)
 
     def read_latents(self, memory: PatchMemory, num_tokens: int) -> torch.Tensor:
         """Latents ``(B, g, D)`` after reading the patches, before any block. The queries do not depend on the input."""
@@ -177,10 +249,11 @@ class AdaPerceiver(nn.Module):
         num_tokens: int | None = None,
         depth: int | None = None,
         width: Width = None,
+        stage: int | None = None,
     ) -> torch.Tensor:
-        """Latents ``(B, g, D)`` after ``depth`` blocks at ``num_tokens`` latents and FFN ``width``."""
+        """Latents ``(B, g, D)`` after ``depth`` blocks at ``num_tokens`` latents, FFN ``width``, input ``stage``."""
         g, d, w = self.resolve_setting(num_tokens, depth, width)
-        memory = x if isinstance(x, PatchMemory) else self.embed(x)
+        memory = self._as_memory(x, stage)
         return self.forward_blocks(self.read_latents(memory, g), 0, d, w)
 
     def forward_blocks(self, latents: torch.Tensor, start: int, stop: int, width: Width = None) -> torch.Tensor:
@@ -225,11 +298,12 @@ class AdaPerceiver(nn.Module):
         num_tokens: int | None = None,
         depth: int | None = None,
         width: Width = None,
+        stage: int | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, classes)`` at one setting; ``None`` means the largest value of that axis."""
-        return self.forward_head(self.forward_features(x, num_tokens, depth, width))
+        return self.forward_head(self.forward_features(x, num_tokens, depth, width, stage))
 
-    def forward_all(self, x: torch.Tensor | PatchMemory, width: Width = None) -> torch.Tensor:
+    def forward_all(self, x: torch.Tensor | PatchMemory, width: Width = None, stage: int | None = None) -> torch.Tensor:
         """Logits ``(B, K, L, classes)`` of every token granularity and every depth, in one pass.
 
         Runs ``N_max`` latents with the block-causal mask; after each block the output query is written out
@@ -237,7 +311,7 @@ class AdaPerceiver(nn.Module):
         at ``(g_k, depth)`` because the first ``g_k`` latents never depend on later ones.
         """
         _, _, w = self.resolve_setting(None, None, width)
-        memory = x if isinstance(x, PatchMemory) else self.embed(x)
+        memory = self._as_memory(x, stage)
         hidden = self._hidden(w, memory.k.shape[0])
         latents = self.read_latents(memory, self.cfg.max_tokens)
         outs = []
@@ -247,12 +321,18 @@ class AdaPerceiver(nn.Module):
         return torch.stack(outs, dim=2)
 
     # --- compute -----------------------------------------------------------------------------------------------
-    def flops(self, num_tokens: int | None = None, depth: int | None = None, width: int | None = None) -> int:
+    def flops(
+        self,
+        num_tokens: int | None = None,
+        depth: int | None = None,
+        width: int | None = None,
+        stage: int | None = None,
+    ) -> int:
         """Analytic FLOPs per image at a setting (2 per multiply-add; see ``backbone/flops.py``)."""
         g, d, w = self.resolve_setting(num_tokens, depth, width)
         if not isinstance(w, int):
             raise ValueError("flops() takes one width, not a per-sample sequence")
-        return sum(flops_breakdown(self.cfg, g, d, w).values())
+        return sum(flops_breakdown(self.cfg, g, d, w, self.resolve_stage(stage)).values())
 
 
 def _is_scalar(v: object) -> bool:
