@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                         "img_per_s": args.batch_size / statistics.median(times)}  # fmt: skip
         print(f"{name:14s} median {statistics.median(times):6.2f} s/step = {result[name]['img_per_s']:6.1f} img/s "
               f"(steps: {', '.join(f'{t:.2f}' for t in times)})", flush=True)  # fmt: skip
-    ratio = result["fp32"]["median_step_s"] / result["bf16_autocast"]["median_step_s"]
+    ratio = result["bf16_autocast"]["median_step_s"] / result["fp32"]["median_step_s"]
     result["bf16_over_fp32_time"] = ratio
     print(f"bf16 autocast takes {ratio:.2f}x the fp32 step time; native bf16 on this CPU: {result['native_bf16']}")
     if args.compile:

@@ -170,12 +170,19 @@ def test_real_split_sizes_and_format(real_splits: dict[str, ImageDataset]) -> No
     assert sizes == {"backbone-train": 50_000, "policy-train": 10_000, "test": 10_000}
     for ds in real_splits.values():
         assert ds.images.shape[1:] == (1, 28, 28) and ds.images.dtype == torch.uint8
-        assert ds.labels.dtype == torch.int64 and int(ds.labels.min()) >= 0 and int(ds.labels.max()) <= 9
-        assert set(ds.labels.tolist()) == set(range(10))
+        assert ds.labels.dtype == torch.int64 and set(ds.labels.tolist()) == set(range(10))
         assert ds.classes == FASHION_MNIST_CLASSES
-        image, label = ds[0]
-        assert image.shape == (1, 28, 28) and image.dtype == torch.float32 and isinstance(label, int)
-        assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0 and float(image.max()) > 0.5
+        image, label = ds[7]
+        assert image.shape == (1, 28, 28) and image.dtype == torch.float32
+        assert torch.equal(image, ds.images[7].float() / 255) and type(label) is int and label == int(ds.labels[7])
+    # the splits are the raw IDX files in file order: images and labels stay paired, nothing is shuffled
+    test_images = read_idx(Path(DEFAULT_DATA_DIR, "t10k-images-idx3-ubyte.gz"))
+    test_labels = read_idx(Path(DEFAULT_DATA_DIR, "t10k-labels-idx1-ubyte.gz"))
+    np.testing.assert_array_equal(real_splits["test"].images[:, 0].numpy(), test_images)
+    np.testing.assert_array_equal(real_splits["test"].labels.numpy(), test_labels)
+    train_labels = read_idx(Path(DEFAULT_DATA_DIR, "train-labels-idx1-ubyte.gz"))
+    np.testing.assert_array_equal(real_splits["backbone-train"].labels.numpy(), train_labels[:50_000])
+    np.testing.assert_array_equal(real_splits["policy-train"].labels.numpy(), train_labels[50_000:])
 
 
 def test_real_train_splits_are_disjoint_halves(real_splits: dict[str, ImageDataset]) -> None:

@@ -99,8 +99,13 @@ def test_gymnasium_make(model, dataset, tmp_path):
     env = gymnasium.make(ENV_ID, backbone=model, dataset=dataset, flops_penalty=0.3, cache_dir=tmp_path)
     obs, info = env.reset(seed=0)
     assert env.observation_space.contains(obs) and 0 <= info["sample_index"] < N_IMAGES
-    _, reward, terminated, truncated, info = env.step(env.action_space.sample())
-    assert terminated and not truncated and isinstance(reward, float)
+    action = np.array([1, 2, 0])
+    _, reward, terminated, truncated, info = env.step(action)
+    assert terminated and not truncated
+    table = env.unwrapped.table  # built from the given backbone: its outcome pays the 0.3 penalty on relative FLOPs
+    outcome = float(model(dataset.as_float()[info["sample_index"]][None], 4, 3, 8).argmax(-1) == int(info["label"]))
+    assert info["correct"] == bool(outcome) and info["label"] == int(dataset.labels[info["sample_index"]])
+    assert type(reward) is float and reward == pytest.approx(outcome - 0.3 * table.flops[1, 2, 0] / table.flops.max())
     assert env.unwrapped.flops_penalty == 0.3 and env.unwrapped.split == SPLIT
 
 
@@ -155,7 +160,7 @@ def test_table_and_live_modes_agree(model, dataset, table, reward):
     live_env = make_env(model, dataset, mode="live", reward=reward)
     assert live_env.table is None
     assert live_env.grid == table_env.grid
-    assert live_env.obs_flops == table_env.obs_flops and True
+    assert live_env.obs_flops == table_env.obs_flops
     seeds = range(6) if reward == "correct" else range(2)
     for seed in seeds:
         for action in all_actions(table_env):
@@ -299,7 +304,10 @@ def test_table_shapes_flops_and_obs_bounds(model, table):
     for (g, d, w), f in zip(list(model.grid), table.flops.reshape(-1), strict=True):
         assert f == model.flops(g, d, w)
     assert table.grid.full_index == (k - 1, j - 1, m - 1)
-    assert table.accuracy().shape == (k, j, m)
+    recount = np.zeros((k, j, m))
+    for row in table.correct:  # from the raw per-sample array, one image at a time
+        recount += row
+    np.testing.assert_allclose(table.accuracy(), recount / N_IMAGES, rtol=0, atol=1e-12)
     assert table.grid.to_json() == {"token_granularities": [2, 4, 8], "depth": 3, "widths": [8, 16, 32]}
     assert 0 < table.obs_flops < table.flops.min()
     env_space = gymnasium.spaces.Box(
@@ -402,8 +410,13 @@ def test_make_vec_env_dummy(model, dataset, tmp_path):
     assert vec.envs[0].unwrapped._rewards is vec.envs[2].unwrapped._rewards, "and one reward matrix"
     obs = vec.reset()
     assert obs.shape == (3, vec.observation_space.shape[0])
-    obs, rewards, dones, infos = vec.step(np.array([[0, 0, 0], [1, 1, 1], [2, 2, 2]]))
+    actions = np.array([[0, 0, 0], [1, 1, 1], [2, 2, 2]])
+    obs, rewards, dones, infos = vec.step(actions)
     assert rewards.shape == (3,) and dones.all() and [i["tokens"] for i in infos] == [2, 4, 8]
+    table, full = vec.envs[0].unwrapped.table, vec.envs[0].unwrapped.table.grid.full_flops
+    for (k, d, m), reward, info in zip(actions, rewards, infos, strict=True):
+        i = info["sample_index"]
+        assert reward == pytest.approx(float(table.correct[i, k, d, m]) - 0.3 * table.flops[k, d, m] / full)
     with pytest.raises(ValueError, match=r"dummy.*subproc"):
         make_vec_env(vec_env="threads", backbone=model, dataset=dataset)
 
@@ -415,7 +428,12 @@ def test_make_vec_env_subproc(model, dataset, table):
     try:
         assert isinstance(vec, SubprocVecEnv) and vec.num_envs == 2
         vec.reset()
-        _, rewards, dones, infos = vec.step(np.array([[0, 0, 0], [2, 2, 2]]))
-        assert dones.all() and infos[1]["depth"] == 3 and np.isfinite(rewards).all()
+        actions = np.array([[0, 0, 0], [2, 2, 2]])
+        _, rewards, dones, infos = vec.step(actions)
+        assert dones.all() and infos[1]["depth"] == 3
+        full = table.grid.full_flops
+        for (k, d, m), reward, info in zip(actions, rewards, infos, strict=True):
+            i = info["sample_index"]
+            assert reward == pytest.approx(float(table.correct[i, k, d, m]) - 0.3 * table.flops[k, d, m] / full)
     finally:
         vec.close()

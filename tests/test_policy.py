@@ -194,7 +194,6 @@ def images() -> torch.Tensor:
 def test_grouped_batch_equals_per_image(run: Path, images: torch.Tensor) -> None:
     clf = AdaptiveClassifier.load(run)
     pred = clf.predict(images)
-    assert len(set(pred.settings)) >= 1
     for i in range(len(images)):
         g, d, w = pred.settings[i]
         alone = clf.backbone(images[i : i + 1], num_tokens=g, depth=d, width=w)
@@ -298,7 +297,7 @@ def test_ablation_end_to_end(work, run: Path, tmp_path) -> None:
              "--train-limit", "300", "--eval-limit", "200", "--cache-dir", str(work["cache"]))  # fmt: skip
     assert r.returncode == 0, r.stderr
     result = json.loads((out / "ablation.json").read_text())
-    assert len(result["fixed"]) == 27 and any(f["pareto"] for f in result["fixed"])
+    assert len(result["fixed"]) == 27
     assert [c["flops_penalty"] for c in result["controllers"]] == [0.3, 1.0]
     assert result["controllers"][0]["run"] == str(run)  # the given run is used, the missing one trained
     assert (tmp_path / "runs" / "fmnist__p1__s0" / "policy.zip").is_file()
@@ -307,9 +306,12 @@ def test_ablation_end_to_end(work, run: Path, tmp_path) -> None:
     assert result["controllers"][0]["mean_flops"] == pytest.approx(given["mean_flops"])
     table = load_or_build(load_backbone(work["backbone"]), "test", dataset=load_split("test").subset(200),
                           cache_dir=work["cache"], progress=False)  # fmt: skip
-    any_correct = table.correct.reshape(200, -1).any(1)
-    assert result["oracle"]["accuracy"] == pytest.approx(any_correct.mean())
+    correct, flops = table.correct.reshape(200, -1), table.flops.ravel()
+    cheapest = [flops[c].min() if c.any() else flops.max() for c in correct]  # brute force, image by image
+    assert result["oracle"]["accuracy"] == pytest.approx(correct.any(1).mean())
+    assert result["oracle"]["mean_flops"] == pytest.approx(np.mean(cheapest))
     assert [f["accuracy"] for f in result["fixed"]] == pytest.approx(table.accuracy().ravel().tolist())
+    assert [f["pareto"] for f in result["fixed"]] == [r["pareto"] for r in table.grid.table(table.accuracy())]
     assert all(len(v) == 13 for v in result["early_exit"].values())
     md = (out / "ablation.md").read_text()
     assert "## Controllers" in md and "Oracle" in md and "early exit" in md

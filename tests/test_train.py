@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -82,11 +84,15 @@ def test_optimizer_steps_lower_joint_loss_on_a_fixed_batch(data: ImageDataset) -
 
 
 @pytest.fixture(scope="module")
-def two_epoch_run(tmp_path_factory, data: ImageDataset) -> tuple[Path, dict, Path]:
-    """A 2-epoch run; a copy of its train_state.pt at the end of epoch 1 stands in for an interrupted run."""
+def two_epoch_run(tmp_path_factory, data: ImageDataset) -> tuple[Path, dict, Path, list[float]]:
+    """A 2-epoch run; a copy of its train_state.pt at the end of epoch 1 stands in for an interrupted run.
+
+    The last item is the loss of every step, recorded around ``train_step``.
+    """
     root = tmp_path_factory.mktemp("runs")
     run, mid = root / "two_epochs", root / "interrupted_train_state.pt"
     original = train_mod._save_state
+    losses, step = _recording_train_step()
 
     def save_and_keep_epoch_one(path, model, optimizer, cfg, step, elapsed):
         original(path, model, optimizer, cfg, step, elapsed)
@@ -95,25 +101,47 @@ def two_epoch_run(tmp_path_factory, data: ImageDataset) -> tuple[Path, dict, Pat
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_mod, "_save_state", save_and_keep_epoch_one)
+        mp.setattr(train_mod, "train_step", step)
         summary = train(_config(run, epochs=2), data=data)
     assert mid.is_file()
-    return run, summary, mid
+    return run, summary, mid, losses
+
+
+def _recording_train_step():
+    """A list and a ``train_step`` that appends each step's loss to it."""
+    losses: list[float] = []
+    original = train_mod.train_step
+
+    def recording(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        losses.append(loss.item())
+        return loss
+
+    return losses, recording
+
+
+def _ema(values: list[float], decay: float = 0.95) -> float:
+    ema = values[0]
+    for v in values[1:]:
+        ema = decay * ema + (1 - decay) * v
+    return ema
 
 
 def test_train_writes_its_outputs(two_epoch_run) -> None:
-    run, summary, _ = two_epoch_run
+    run, summary, _, losses = two_epoch_run
     for name in ("config.yaml", "train_state.pt", "log.jsonl", "backbone.safetensors"):
         assert (run / name).is_file(), name
     assert summary["steps"] == 2 * STEPS_PER_EPOCH
     assert summary["backbone"] == str(run / "backbone.safetensors")
     assert summary["sha256"] == file_sha256(run / "backbone.safetensors")
-    assert summary["final_loss"] > 0
+    assert len(losses) == 2 * STEPS_PER_EPOCH
+    assert summary["final_loss"] == pytest.approx(_ema(losses), rel=1e-12)  # the EMA of the step losses
 
     saved_cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert saved_cfg["model"] == "adaperceiver_test" and saved_cfg["epochs"] == 2 and saved_cfg["out"] == str(run)
 
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert log and log[-1]["step"] == 2 * STEPS_PER_EPOCH
+    assert log and log[-1]["step"] == 2 * STEPS_PER_EPOCH and log[-1]["losses/joint"] == losses[-1]
     assert all(torch.isfinite(torch.tensor(r["losses/joint"])) for r in log)
 
     state = torch.load(run / "train_state.pt", map_location="cpu", weights_only=False)
@@ -150,8 +178,26 @@ def test_conv_stem_runs_in_fp32_under_bf16_autocast() -> None:
     torch.testing.assert_close(tokens, model.stem(x))
 
 
+def test_training_learns_the_synthetic_task(data: ImageDataset, square_images, tmp_path, monkeypatch) -> None:
+    """48 steps at a higher learning rate: the loss falls well below chance and held-out images are classified."""
+    losses, step = _recording_train_step()
+    monkeypatch.setattr(train_mod, "train_step", step)
+    summary = train(_config(tmp_path / "learn", epochs=6, lr=5e-3, warmup_epochs=0.25), data=data)
+    assert len(losses) == 6 * STEPS_PER_EPOCH
+    assert summary["final_loss"] == pytest.approx(_ema(losses), rel=1e-12)
+    assert summary["final_loss"] < math.log(10) - 0.4, summary["final_loss"]  # chance is log(10) = 2.30
+    first, last = losses[:STEPS_PER_EPOCH], losses[-STEPS_PER_EPOCH:]
+    assert sum(last) / len(last) < sum(first) / len(first) - 0.5, (first, last)
+    held_out = square_images(512, seed=1)
+    model = load_backbone(tmp_path / "learn" / "backbone.safetensors")
+    with torch.no_grad():
+        pred = model(held_out.as_float()).argmax(-1)
+    accuracy = (pred == held_out.labels).float().mean().item()
+    assert accuracy > 0.4, f"held-out accuracy {accuracy:.3f} (chance 0.1)"
+
+
 def test_training_changes_the_weights(two_epoch_run) -> None:
-    run, _, _ = two_epoch_run
+    run, *_ = two_epoch_run
     torch.manual_seed(0)  # train() builds its model right after seeding with cfg.seed = 0
     init = create_model("adaperceiver_test").state_dict()
     trained = _weights(run)
@@ -162,7 +208,7 @@ def test_training_changes_the_weights(two_epoch_run) -> None:
 
 
 def test_same_seed_same_weights_other_seed_other_weights(two_epoch_run, data: ImageDataset, tmp_path) -> None:
-    run, summary, _ = two_epoch_run
+    run, summary, *_ = two_epoch_run
     again = train(_config(tmp_path / "again", epochs=2), data=data)
     _assert_same_weights(run, tmp_path / "again")
     assert again["final_loss"] == summary["final_loss"]
@@ -184,7 +230,7 @@ def _count_steps(monkeypatch) -> list[int]:
 
 
 def test_resume_interrupted_run_is_exact(two_epoch_run, data: ImageDataset, tmp_path, monkeypatch) -> None:
-    run, _, mid = two_epoch_run
+    run, _, mid, _ = two_epoch_run
     assert torch.load(mid, map_location="cpu", weights_only=False)["step"] == STEPS_PER_EPOCH
     calls = _count_steps(monkeypatch)
     summary = train(_config(tmp_path / "resumed", epochs=2), resume=str(mid), data=data)
@@ -202,7 +248,7 @@ def test_resume_refuses_a_changed_schedule(data: ImageDataset, tmp_path) -> None
 
 
 def test_resume_refuses_other_model_config(two_epoch_run, data: ImageDataset, tmp_path) -> None:
-    _, _, mid = two_epoch_run
+    _, _, mid, _ = two_epoch_run
     cfg = _config(tmp_path / "other", epochs=2, model_overrides={"depth": 2})
     with pytest.raises(ValueError, match=r"different model config"):
         train(cfg, resume=str(mid), data=data)
@@ -303,7 +349,11 @@ def test_train_step_benchmark_writes_both_precisions(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     for name in ("fp32", "bf16_autocast"):
-        assert len(result[name]["step_s"]) == 2 and result[name]["median_step_s"] > 0
-    assert result["bf16_over_fp32_time"] > 0 and isinstance(result["native_bf16"], bool)
+        times = result[name]["step_s"]
+        assert len(times) == 2 and all(t > 0 for t in times)
+        assert result[name]["median_step_s"] == pytest.approx(statistics.median(times), rel=1e-12)
+    ratio = result["bf16_autocast"]["median_step_s"] / result["fp32"]["median_step_s"]
+    assert result["bf16_over_fp32_time"] == pytest.approx(ratio, rel=1e-12)
+    assert result["native_bf16"] is train_mod.native_bf16()  # same machine, same answer
     bad = subprocess.run([*cmd[:3], "--repeats", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("error:")

@@ -1,0 +1,72 @@
+"""backbone.pareto against brute-force O(n^2) references on random points with many ties in cost and accuracy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from backbone.pareto import front_accuracy_at, pareto_front
+
+
+def brute_force_front(cost: np.ndarray, accuracy: np.ndarray) -> list[int]:
+    """Point ``i`` is on the front when no other point is cheaper-or-equal and at least as accurate.
+
+    Exact duplicates (same cost, same accuracy) keep the lowest index only; the result is sorted cheapest first.
+    """
+    front = []
+    for i in range(len(cost)):
+        beaten = False
+        for j in range(len(cost)):
+            if j == i or cost[j] > cost[i] or accuracy[j] < accuracy[i]:
+                continue
+            if cost[j] < cost[i] or accuracy[j] > accuracy[i] or j < i:
+                beaten = True
+                break
+        if not beaten:
+            front.append(i)
+    return sorted(front, key=lambda i: cost[i])
+
+
+def brute_force_accuracy_at(cost: np.ndarray, accuracy: np.ndarray, budget: float) -> float:
+    best = -math.inf
+    for c, a in zip(cost, accuracy, strict=True):
+        if c <= budget and a > best:
+            best = a
+    return float(best) if best > -math.inf else float("nan")
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_front_equals_brute_force_on_random_points(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 40))
+    cost = rng.integers(1, 12, n).astype(float)  # few distinct values: many ties in cost
+    accuracy = rng.integers(0, 8, n) / 8  # and in accuracy, exact duplicates included
+    front = pareto_front(cost, accuracy)
+    assert front.tolist() == brute_force_front(cost, accuracy)
+    assert np.all(np.diff(cost[front]) > 0) and np.all(np.diff(accuracy[front]) > 0)
+
+
+def test_front_on_a_hand_made_table() -> None:
+    cost = [5, 1, 3, 3, 2, 4, 1, 6]
+    accuracy = [0.9, 0.5, 0.7, 0.8, 0.5, 0.8, 0.4, 0.9]
+    # 1 beats 6 (same cost, more accurate) and 4 (cheaper, as accurate); 3 beats 2; 3 beats 5; 0 beats 7
+    assert pareto_front(cost, accuracy).tolist() == [1, 3, 0]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_front_accuracy_at_equals_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(1, 30))
+    cost = rng.integers(1, 12, n).astype(float)
+    accuracy = rng.random(n)
+    front = pareto_front(cost, accuracy)
+    for budget in [0.5, *np.unique(cost), 5.5, 100.0]:
+        got, want = front_accuracy_at(cost, accuracy, budget), brute_force_accuracy_at(cost, accuracy, budget)
+        if math.isnan(want):
+            assert math.isnan(got), budget
+            continue
+        assert got == want, budget
+        # the best point within a budget is the last front point within it
+        assert got == accuracy[front[cost[front] <= budget][-1]]
