@@ -78,13 +78,6 @@ class AdaPerceiverConfig:
             n = len(self.stem_dims)
             if list(exits) != sorted(set(exits)) or exits[0] < 1 or exits[-1] >= n:
                 raise ValueError(f"stem_exits must be strictly increasing conv counts in 1..{n - 1}, got {exits}")
-            grid = self.img_size // self.patch_size
-            for e in exits:
-                if self.stem_side(e) % grid:
-                    raise ValueError(
-                        f"stem_exits: after {e} conv(s) the feature map is {self.stem_side(e)} px wide, not a "
-                        f"multiple of the {grid} x {grid} patch grid"
-                    )
         if self.patch_dim < 0:
             raise ValueError(f"patch_dim must be 0 (= embed_dim) or a positive token width, got {self.patch_dim}")
         k = self.patch_context_kernel

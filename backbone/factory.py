@@ -49,6 +49,27 @@ def adaperceiver_test(pretrained: bool = False, **kwargs: Any) -> AdaPerceiver:
 
 
 @_named_size
+def adaperceiver_test_stages(pretrained: bool = False, **kwargs: Any) -> AdaPerceiver:
+    """Tiny size with the input-side axis for tests: a 3-conv stem (8, 16, 16 channels) with exits after 1 and 2
+    convs, 7x7 patches, D=32, 3 blocks: 3 x 3 x 3 x 3 settings."""
+    size = dict(
+        patch_size=4,
+        stem="conv",
+        stem_dims=(8, 16, 16),
+        stem_strides=(1, 2, 2),
+        stem_exits=(1, 2),
+        patch_dim=16,
+        embed_dim=32,
+        num_heads=2,
+        depth=3,
+        ffn_ratio=2.0,
+        token_granularities=(2, 4, 8),
+        widths=(8, 16, 32),
+    )
+    return _build("adaperceiver_test_stages", size, pretrained, **kwargs)
+
+
+@_named_size
 def adaperceiver_fmnist(pretrained: bool = False, **kwargs: Any) -> AdaPerceiver:
     """Default for 28x28x1, 10 classes: 3-conv stem to 64-wide 7x7 patch tokens, D=128, 8 blocks, 4 x 8 x 3 settings.
 
@@ -71,6 +92,29 @@ def adaperceiver_fmnist(pretrained: bool = False, **kwargs: Any) -> AdaPerceiver
         widths=(32, 64, 128),
     )
     return _build("adaperceiver_fmnist", size, pretrained, **kwargs)
+
+
+@_named_size
+def adaperceiver_fmnist_stages(pretrained: bool = False, **kwargs: Any) -> AdaPerceiver:
+    """``adaperceiver_fmnist`` plus the input-side axis of issue 18: the stem can exit after its first or second
+    convolution (average pooling to the 7x7 grid + 1x1 conv to the tokens), and the grid reaches down to 2 latents
+    and FFN width 16: 3 x 5 x 8 x 4 = 480 settings from 2.7 to 115.8 MFLOPs (docs/results, adapter-stage pilots)."""
+    size = dict(
+        patch_size=4,
+        stem="conv",
+        stem_dims=(16, 32, 64),
+        stem_strides=(1, 2, 2),
+        stem_exits=(1, 2),
+        patch_dim=64,
+        patch_context_kernel=3,
+        embed_dim=128,
+        num_heads=8,
+        depth=8,
+        ffn_ratio=4.0,
+        token_granularities=(2, 4, 8, 16, 32),
+        widths=(16, 32, 64, 128),
+    )
+    return _build("adaperceiver_fmnist_stages", size, pretrained, **kwargs)
 
 
 @_named_size

@@ -1,4 +1,4 @@
-"""Every setting's outcome on a batch of images: one ``forward_all`` pass per FFN width gives all (tokens, depth).
+"""Every setting's outcome on a batch of images: one ``forward_all`` pass per (input stage, FFN width).
 
 The basis of fixed-setting evaluation, outcome tables and the training monitor.
 """
@@ -18,7 +18,7 @@ from backbone.model import AdaPerceiver
 
 @dataclass
 class Sweep:
-    """Per-sample outcome of every setting: arrays of shape ``(n, K, L, M)``."""
+    """Per-sample outcome of every setting: arrays of shape ``(n, *grid.shape)`` (``(n, [S,] K, L, M)``)."""
 
     correct: np.ndarray  # bool
     loss: np.ndarray  # float32 cross-entropy
@@ -35,34 +35,50 @@ def sweep(
     widths: Sequence[int] | None = None,
     progress: bool = False,
 ) -> Sweep:
-    """Run every (granularity, depth) for each width in ``widths`` (default: all) over ``images`` in [0, 1]."""
+    """Run every setting (for each width in ``widths``, default all) over ``images`` in [0, 1].
+
+    Per batch: the stem runs once, each deeper input stage continuing from the last; per stage and width one
+    ``forward_all`` gives every (granularity, depth).
+    """
     if len(images) == 0:
         raise ValueError("no images to evaluate")
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     was_training = model.training
     model.eval()
-    widths = list(model.cfg.widths if widths is None else widths)
-    k, depth = len(model.cfg.token_granularities), model.cfg.depth
-    shape = (len(images), k, depth, len(widths))
+    grid = model.grid
+    widths = list(grid.widths if widths is None else widths)
+    stages = grid.stages or (None,)
+    k, depth = len(grid.tokens), len(grid.depths)
+    shape = (len(images), *grid.shape[:-1], len(widths))
     correct, loss, pred = np.zeros(shape, bool), np.zeros(shape, np.float32), np.zeros(shape, np.int16)
     confidence = np.zeros(shape, np.float32)
-    batches = [(m, s) for m in range(len(widths)) for s in range(0, len(images), batch_size)]
+    starts = range(0, len(images), batch_size)
+    bar = tqdm(total=len(starts) * len(stages) * len(widths), desc="settings sweep", unit="pass", disable=not progress)
     try:
-        for m, s in tqdm(batches, desc="settings sweep", unit="batch", disable=not progress):
+        for s in starts:
             x, y = images[s : s + batch_size], labels[s : s + batch_size]
-            logits = model.forward_all(x, width=widths[m])  # (b, K, L, C)
-            p = logits.argmax(-1)
-            ce = F.cross_entropy(logits.permute(0, 3, 1, 2), y[:, None, None].expand(-1, k, depth), reduction="none")
-            correct[s : s + len(x), ..., m] = (p == y[:, None, None]).numpy()
-            loss[s : s + len(x), ..., m] = ce.numpy()
-            pred[s : s + len(x), ..., m] = p.numpy()
-            confidence[s : s + len(x), ..., m] = logits.softmax(-1).amax(-1).numpy()
+            memory = None
+            for i, stage in enumerate(stages):
+                memory = model.embed(x, stage) if memory is None else model.continue_embed(memory, stage)
+                rows = (slice(s, s + len(x)), *((i,) if grid.stages else ()))
+                for m, width in enumerate(widths):
+                    logits = model.forward_all(memory, width=width)  # (b, K, L, C)
+                    p = logits.argmax(-1)
+                    ce = F.cross_entropy(logits.permute(0, 3, 1, 2), y[:, None, None].expand(-1, k, depth),
+                                         reduction="none")  # fmt: skip
+                    at = (*rows, Ellipsis, m)
+                    correct[at] = (p == y[:, None, None]).numpy()
+                    loss[at] = ce.numpy()
+                    pred[at] = p.numpy()
+                    confidence[at] = logits.softmax(-1).amax(-1).numpy()
+                    bar.update()
     finally:
+        bar.close()
         model.train(was_training)
     return Sweep(correct, loss, pred, confidence)
 
 
 def accuracy_grid(model: AdaPerceiver, images: torch.Tensor, labels: torch.Tensor, **kwargs) -> np.ndarray:
-    """Accuracy ``(K, L, M')`` of every setting (``M'`` = the widths swept, all by default)."""
+    """Accuracy of every setting, shape ``grid.shape`` (the width axis: the widths swept, all by default)."""
     return sweep(model, images, labels, **kwargs).correct.mean(0)

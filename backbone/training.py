@@ -54,6 +54,7 @@ class TrainConfig:
     weight_decay: float = 0.05  # AdamW decay (not on norms, biases, LayerScale, embeddings: timm's convention)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     grad_clip: float = 1.0  # max global grad norm (0 = off)
+    distill_weight: float = 0.5  # with stem exits: KL share of the shallow stages' loss (in-place distillation)
     augment: bool = False  # random shift by up to 2 px + horizontal flip (slows fitting; off by default)
     bf16: bool = False  # bf16 autocast where the CPU has native bf16 (AVX512-BF16/AMX), else fp32 anyway
     seed: int = 0  # seeds model init, data order, widths and augmentation
@@ -71,19 +72,32 @@ class TrainConfig:
         return f"backbone__{self.model}__s{self.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def joint_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean over granularities of the depth-weighted cross-entropy ``sum_l l * CE(k, l) / sum_l l``.
+def joint_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_smoothing: float = 0.0,
+    teacher_logits: torch.Tensor | None = None,
+    distill_weight: float = 0.0,
+) -> torch.Tensor:
+    """Mean over granularities of the depth-weighted loss ``sum_l l * loss(k, l) / sum_l l``.
 
     Args:
         logits: ``(B, K, L, C)`` write-outs of every granularity and depth (``AdaPerceiver.forward_all``).
         labels: ``(B,)`` classes.
         label_smoothing: Cross-entropy label smoothing.
+        teacher_logits: ``(B, C)`` targets of in-place distillation (the deepest stage's full-setting logits);
+            ``loss`` is then ``(1 - a) * CE + a * KL(teacher || student)`` with ``a = distill_weight``.
+        distill_weight: ``a`` above (0 = plain cross-entropy).
     """
     b, k, depth, c = logits.shape
+    flat = logits.float().reshape(-1, c)
     per = F.cross_entropy(
-        logits.float().reshape(-1, c), labels.repeat_interleave(k * depth), label_smoothing=label_smoothing,
-        reduction="none",
-    ).view(b, k, depth)  # fmt: skip
+        flat, labels.repeat_interleave(k * depth), label_smoothing=label_smoothing, reduction="none"
+    ).view(b, k, depth)
+    if teacher_logits is not None and distill_weight > 0:
+        target = F.log_softmax(teacher_logits.float(), dim=-1).repeat_interleave(k * depth, dim=0)
+        kl = F.kl_div(F.log_softmax(flat, dim=-1), target, log_target=True, reduction="none").sum(-1)
+        per = (1 - distill_weight) * per + distill_weight * kl.view(b, k, depth)
     weights = torch.arange(1, depth + 1, dtype=per.dtype, device=per.device)
     return (per.mean(dim=(0, 1)) * weights).sum() / weights.sum()
 
@@ -114,6 +128,7 @@ _SCHEDULE_KEYS = (
     "weight_decay",
     "label_smoothing",
     "grad_clip",
+    "distill_weight",
     "augment",
     "bf16",
     "seed",
@@ -141,6 +156,8 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
     """
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
+    if not 0.0 <= cfg.distill_weight < 1.0:
+        raise ValueError(f"distill_weight must be in [0, 1), got {cfg.distill_weight}")
     state_path = resolve_state(resume) if resume else None
     out = Path(cfg.out) if cfg.out else (state_path.parent if state_path else Path("runs") / cfg.run_name())
     torch.manual_seed(cfg.seed)
@@ -197,8 +214,10 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
                 x = images[idx]
                 x = (random_shift_flip(x) if cfg.augment else x).float() / 255.0
                 w = sample_widths(widths, len(idx))
+                stages = sample_stages(model.cfg.stages, len(idx))
                 scheduler.step_update(num_updates=step)
-                loss = train_step(model, optimizer, x, labels[idx], w, use_bf16, cfg.label_smoothing, cfg.grad_clip)
+                loss = train_step(model, optimizer, x, labels[idx], w, use_bf16, cfg.label_smoothing, cfg.grad_clip,
+                                  stages, cfg.distill_weight)  # fmt: skip
                 if loss is None:
                     raise FloatingPointError(f"loss is not finite at step {step}; lower the learning rate")
                 step += 1
@@ -279,6 +298,13 @@ def sample_widths(widths: torch.Tensor, n: int) -> torch.Tensor:
     return widths[torch.randint(len(widths), (n,))].sort().values
 
 
+def sample_stages(stages: tuple[int, ...], n: int) -> torch.Tensor | None:
+    """One input stage below the deepest per sample, uniformly (the sandwich rule's shallow pass), with torch's
+    global RNG; None without stem exits (then no random number is drawn, so such runs are as before)."""
+    shallow = torch.tensor(stages[:-1], dtype=torch.long)
+    return shallow[torch.randint(len(shallow), (n,))] if len(shallow) else None
+
+
 def train_step(
     model: AdaPerceiver,
     optimizer: torch.optim.Optimizer,
@@ -288,12 +314,22 @@ def train_step(
     bf16: bool,
     label_smoothing: float = 0.0,
     grad_clip: float = 0.0,
+    stages: torch.Tensor | None = None,
+    distill_weight: float = 0.0,
 ) -> torch.Tensor | None:
     """One optimizer step on the joint loss of a batch (``widths``: one per sample); returns the loss, or None (no
-    update) if it is not finite. Shared by the training loop and ``benchmarks/bench_train_step.py``."""
+    update) if it is not finite. Shared by the training loop and ``benchmarks/bench_train_step.py``.
+
+    With stem exits, ``stages`` (one shallower input stage per sample) adds the sandwich rule of universally
+    slimmable networks / OFA: every image is trained at the deepest stage *and* at its shallow stage, whose loss
+    distils in place from the deepest stage's full-depth, full-token logits (``distill_weight``).
+    """
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logits = model.forward_all(x, width=widths)
-    loss = joint_loss(logits, labels, label_smoothing)
+        deep = model.forward_all(x, width=widths)
+        shallow = None if stages is None else model.forward_all(model.embed_per_sample(x, stages), width=widths)
+    loss = joint_loss(deep, labels, label_smoothing)
+    if shallow is not None:
+        loss = loss + joint_loss(shallow, labels, label_smoothing, deep[:, -1, -1].detach(), distill_weight)
     if not torch.isfinite(loss):
         return None
     optimizer.zero_grad(set_to_none=True)
@@ -317,7 +353,7 @@ def native_bf16() -> bool:
 def _monitor(model: AdaPerceiver, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Held-out accuracy of the full and the smallest setting (progress signal, not used for selection)."""
     acc = accuracy_grid(model, images, labels, batch_size=500, widths=[model.cfg.widths[0], model.cfg.widths[-1]])
-    return {"monitor/acc_full": float(acc[-1, -1, -1]), "monitor/acc_smallest": float(acc[0, 0, 0])}
+    return {"monitor/acc_full": float(acc[(-1,) * acc.ndim]), "monitor/acc_smallest": float(acc[(0,) * acc.ndim])}
 
 
 def _save_state(path: Path, model, optimizer, cfg: TrainConfig, step: int, elapsed: float) -> None:

@@ -25,6 +25,7 @@ import torch
 from backbone import AdaPerceiver, create_model, load_backbone
 from backbone.fileio import write_json
 from backbone.interrupt import exits_cleanly_on_ctrl_c
+from backbone.settings import Setting
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -48,23 +49,20 @@ def matmul_gflops(n: int, repeats: int) -> float:
     return 2 * n**3 / seconds / 1e9
 
 
-def pick_settings(model: AdaPerceiver) -> dict[str, tuple[int, int, int]]:
-    """Full, smallest and a middle setting (middle token count, half depth, middle width)."""
+def pick_settings(model: AdaPerceiver) -> dict[str, Setting]:
+    """Full, smallest and a middle setting (the middle of every axis; half depth)."""
     grid = model.grid
-    k, d, m = grid.shape
-    return {"full": grid.full, "middle": grid.setting((k // 2, max(0, d // 2 - 1), m // 2)), "smallest": grid.smallest}
+    middle = tuple(n // 2 - 1 if axis == "depth" else n // 2 for axis, n in zip(grid.axes, grid.shape, strict=True))
+    return {"full": grid.full, "middle": grid.setting(tuple(max(0, i) for i in middle)), "smallest": grid.smallest}
 
 
-def bench_setting(model: AdaPerceiver, x: torch.Tensor, setting: tuple[int, int, int], repeats: int) -> dict:
-    g, d, w = setting
+def bench_setting(model: AdaPerceiver, x: torch.Tensor, setting: Setting, repeats: int) -> dict:
     with torch.inference_mode():
-        seconds = median_seconds(lambda: model(x, num_tokens=g, depth=d, width=w), repeats, warmup=2)
-    flops = model.flops(g, d, w)
+        seconds = median_seconds(lambda: model(x, *setting), repeats, warmup=2)
+    flops = model.flops(*setting)
     images_per_s = len(x) / seconds
     return {
-        "tokens": g,
-        "depth": d,
-        "width": w,
+        **{k: v for k, v in setting._asdict().items() if v is not None},
         "mflops_per_image": flops / 1e6,
         "ms_per_batch": 1e3 * seconds,
         "images_per_s": images_per_s,

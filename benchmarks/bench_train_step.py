@@ -26,7 +26,7 @@ from timm.optim import create_optimizer_v2
 from backbone import MODEL_NAMES, create_model
 from backbone.fileio import write_json
 from backbone.interrupt import exits_cleanly_on_ctrl_c
-from backbone.training import TrainConfig, native_bf16, sample_widths, train_step
+from backbone.training import TrainConfig, native_bf16, sample_stages, sample_widths, train_step
 
 
 def step_seconds(model_name: str, batch_size: int, bf16: bool, repeats: int, compile: bool = False) -> list[float]:
@@ -41,10 +41,12 @@ def step_seconds(model_name: str, batch_size: int, bf16: bool, repeats: int, com
     x = torch.rand(batch_size, c.in_chans, c.img_size, c.img_size)
     y = torch.randint(c.num_classes, (batch_size,))
     widths = sample_widths(torch.tensor(c.widths), batch_size)
+    stages = sample_stages(c.stages, batch_size)
     times = []
     for i in range(repeats + 1):
         t = time.perf_counter()
-        train_step(model, optimizer, x, y, widths, bf16, defaults.label_smoothing, defaults.grad_clip)
+        train_step(model, optimizer, x, y, widths, bf16, defaults.label_smoothing, defaults.grad_clip, stages,
+                   defaults.distill_weight)  # fmt: skip
         if i:  # the first step is a warm-up
             times.append(time.perf_counter() - t)
     return times

@@ -18,7 +18,7 @@ from backbone.checkpoint import DEFAULT_BACKBONE, CheckpointError, load_backbone
 from backbone.data import SPLITS, ImageDataset, load_split
 from backbone.model import AdaPerceiver
 from backbone.settings import Setting
-from envs.observations import DEFAULT_OBSERVATION, OBSERVATIONS, get_observation
+from envs.observations import DEFAULT_OBSERVATION, OBSERVATIONS, get_observation, observe_embed
 from envs.outcome_table import OutcomeTable, dataset_sha256, load_or_build
 
 REWARDS = ("correct", "neg_ce")
@@ -67,9 +67,11 @@ class AdaPerceiverComputeEnv(gym.Env[np.ndarray, np.ndarray]):
 
     ## Action Space
 
-    ``MultiDiscrete([K, L, M])``: ``(token index, depth index, width index)``. Token index ``k`` selects
+    ``MultiDiscrete([K, L, M])``: ``(token index, depth index, width index)``, or ``MultiDiscrete([S, K, L, M])``
+    with a leading input-stage index for a backbone with stem exits (``cfg.stem_exits``). Token index ``k`` selects
     ``cfg.token_granularities[k]`` latents, depth index ``l`` runs ``l + 1`` blocks, width index ``m`` selects FFN
-    width ``cfg.widths[m]``. ``env.grid`` (a :class:`~backbone.settings.SettingsGrid`) converts and prices them.
+    width ``cfg.widths[m]``, stage index ``s`` runs ``cfg.stages[s]`` stem convolutions. ``env.grid`` (a
+    :class:`~backbone.settings.SettingsGrid`) converts and prices them.
 
     ## Observation Space
 
@@ -188,8 +190,8 @@ class AdaPerceiverComputeEnv(gym.Env[np.ndarray, np.ndarray]):
         self.grid = self.model.grid
         self.obs_flops = int(self.observation_spec.flops(self.model))
         self._shape = self.grid.shape
+        self._action_shape = (self.grid.ndim,)
         self._cost = self.flops_penalty * self.grid.relative_cost()  # (K, L, M) float64
-        self._flops_list = self.grid.flops.tolist()
 
         self.action_space = spaces.MultiDiscrete(list(self._shape))
         spec, model = self.observation_spec, self.model
@@ -215,29 +217,29 @@ class AdaPerceiverComputeEnv(gym.Env[np.ndarray, np.ndarray]):
         """``(tokens, depth, width)`` of an action."""
         return self.grid.setting(self._parse_action(action))
 
-    def _parse_action(self, action: Any) -> tuple[int, int, int]:
+    def _parse_action(self, action: Any) -> tuple[int, ...]:
         """Cheap conversion + bounds check (no ``action_space.contains`` in the hot path)."""
-        if type(action) is np.ndarray and action.shape == (3,) and action.dtype.kind in "iu":
-            ti, di, wi = action.tolist()
-            nt, nd, nw = self._shape
-            if 0 <= ti < nt and 0 <= di < nd and 0 <= wi < nw:
-                return ti, di, wi
+        if type(action) is np.ndarray and action.shape == self._action_shape and action.dtype.kind in "iu":
+            index = tuple(action.tolist())
+            if all(0 <= i < n for i, n in zip(index, self._shape, strict=True)):
+                return index
         return self.grid.check_index(self._parse_action_slow(action))  # ValueError naming the bounds
 
-    def _parse_action_slow(self, action: Any) -> tuple[int, int, int]:
-        want = f"3 integers (token, depth, width index) within MultiDiscrete({list(self._shape)})"
+    def _parse_action_slow(self, action: Any) -> tuple[int, ...]:
+        names = ", ".join(self.grid.axes)
+        want = f"{self.grid.ndim} integers ({names} index) within MultiDiscrete({list(self._shape)})"
         if isinstance(action, torch.Tensor):
             action = action.detach().cpu().numpy()
         try:
             arr = np.asarray(action)
         except Exception:
             raise ValueError(f"action must be {want}, got {action!r}") from None
-        if arr.shape != (3,):
+        if arr.shape != self._action_shape:
             raise ValueError(f"action must be {want}, got shape {arr.shape}: {action!r}")
         if arr.dtype.kind in "iu":
-            return tuple(arr.tolist())  # type: ignore[return-value]
+            return tuple(arr.tolist())
         if arr.dtype.kind == "f" and np.isfinite(arr).all() and (arr == np.round(arr)).all():
-            return tuple(int(v) for v in arr.tolist())  # type: ignore[return-value]
+            return tuple(int(v) for v in arr.tolist())
         raise ValueError(f"action must be {want}, got non-integer values {action!r}")
 
     def _reset_index(self, options: dict[str, Any] | None) -> int:
@@ -257,7 +259,7 @@ class AdaPerceiverComputeEnv(gym.Env[np.ndarray, np.ndarray]):
             self._obs = self._obs_table[i].copy()
         else:
             with _eval_mode(self.model):
-                self._memory = self.model.embed(self._images[i : i + 1])
+                self._memory = observe_embed(self.model, self._images[i : i + 1])
                 self._obs = self.observation_spec.compute(self.model, self._memory)[0].numpy()
         return self._obs.copy(), {"sample_index": i}
 
@@ -265,20 +267,22 @@ class AdaPerceiverComputeEnv(gym.Env[np.ndarray, np.ndarray]):
         i = self._index
         if i < 0:
             raise RuntimeError("call reset() before step(): each episode is one step and needs a fresh reset()")
-        ti, di, wi = self._parse_action(action)
+        index = self._parse_action(action)
         self._index = -1
         label = self._labels_list[i]
+        at = (i, *index)
         if self.mode == "table":
-            reward = float(self._rewards[i, ti, di, wi])
-            correct = bool(self._correct[i, ti, di, wi])
-            pred = int(self._pred[i, ti, di, wi])
+            reward = float(self._rewards[at])
+            correct = bool(self._correct[at])
+            pred = int(self._pred[at])
         else:
-            correct, pred, ce = self._run_live(ti, di, wi, label)
+            correct, pred, ce = self._run_live(index, label)
             base = float(correct) if self.reward_type == "correct" else -ce
-            reward = base - float(self._cost[ti, di, wi])
+            reward = base - float(self._cost[index])
+        setting = self.grid.setting(index)
         info = {
-            **self.grid.setting((ti, di, wi))._asdict(),
-            "flops": self._flops_list[ti][di][wi],
+            **{k: v for k, v in setting._asdict().items() if v is not None},
+            "flops": int(self.grid.flops[index]),
             "correct": correct,
             "pred": pred,
             "label": label,
@@ -286,10 +290,11 @@ class AdaPerceiverComputeEnv(gym.Env[np.ndarray, np.ndarray]):
         }
         return self._obs.copy(), reward, True, False, info
 
-    def _run_live(self, ti: int, di: int, wi: int, label: int) -> tuple[bool, int, float]:
-        """Run the backbone at the chosen setting from the memory computed at reset: (correct, pred, CE)."""
+    def _run_live(self, index: tuple[int, ...], label: int) -> tuple[bool, int, float]:
+        """Run the backbone at the chosen setting from the memory computed at reset (continuing its stem to a
+        deeper stage if the setting has one): (correct, pred, CE)."""
         with _eval_mode(self.model):
-            logits = self.model(self._memory, *self.grid.setting((ti, di, wi))).float()
+            logits = self.model(self._memory, *self.grid.setting(index)).float()
             ce = float(F.cross_entropy(logits, torch.tensor([label])))
         pred = int(logits[0].argmax())
         return pred == label, pred, ce

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backbone.flops import SHARED_PARTS, flops_breakdown
+from backbone.flops import SHARED_PARTS, flops_breakdown, stem_conv_flops
 from backbone.model import AdaPerceiver, PatchMemory
 from backbone.settings import Setting
 
@@ -30,8 +30,17 @@ PROBE_STATS = ("top1_prob", "margin", "entropy")
 
 
 def probe_setting(model: AdaPerceiver) -> Setting:
-    """The cheapest setting ``(tokens, depth, width)``: the probe whose confidence the controller sees."""
+    """The cheapest setting: the probe whose confidence the controller sees (at the shallowest input stage)."""
     return model.grid.smallest
+
+
+def observe_embed(model: AdaPerceiver, images: torch.Tensor) -> PatchMemory:
+    """The memory observations are computed from: the images embedded at the probe's (shallowest) stage.
+
+    A setting at that stage shares it; a deeper setting continues the stem from its feature map
+    (``AdaPerceiver.continue_embed``), so the probe's stem work is never redone.
+    """
+    return model.embed(images, probe_setting(model).stage)
 
 
 def _pooled(model: AdaPerceiver, memory: PatchMemory) -> torch.Tensor:
@@ -45,8 +54,8 @@ def run_probe(model: AdaPerceiver, memory: PatchMemory) -> tuple[torch.Tensor, t
     The latents are returned so that adaptive inference can continue from them when the controller picks a
     setting with the probe's tokens and width (see :meth:`ObservationSpec.reused_flops`).
     """
-    g, d, w = probe_setting(model)
-    latents = model.forward_blocks(model.read_latents(memory, g), 0, d, w)
+    p = probe_setting(model)
+    latents = model.forward_blocks(model.read_latents(memory, p.tokens), 0, p.depth, p.width)
     return latents, model.forward_head(latents)
 
 
@@ -68,6 +77,19 @@ def _pooled_flops(model: AdaPerceiver) -> int:
 def _probe_flops(model: AdaPerceiver) -> int:
     parts = flops_breakdown(model.cfg, *probe_setting(model))
     return sum(v for k, v in parts.items() if k not in SHARED_PARTS) + 6 * model.cfg.num_classes  # + softmax/stats
+
+
+def _memory_flops(model: AdaPerceiver) -> tuple[int, int]:
+    """(FLOPs of the observation's memory, the part of it that every setting does anyway).
+
+    Without stem exits every setting shares the whole memory (stem + the read's keys/values). With them, a
+    deeper setting shares only the stem convolutions of the probe's stage and continues from there; the probe
+    stage's token projection, patch context and keys/values are the controller's own cost.
+    """
+    parts = flops_breakdown(model.cfg, *probe_setting(model))
+    memory = sum(parts[k] for k in SHARED_PARTS)
+    stage = probe_setting(model).stage
+    return memory, memory if stage is None else stem_conv_flops(model.cfg, stage)
 
 
 @dataclass(frozen=True)
@@ -119,25 +141,38 @@ class ObservationSpec:
         return torch.cat(parts, dim=-1)
 
     def flops(self, model: AdaPerceiver) -> int:
-        """Controller-overhead FLOPs per image, excluding the shared ``embed`` + ``read_kv`` (paid by the setting)."""
-        return _pooled_flops(model) * self.pooled + _probe_flops(model) * self.probe
+        """Controller-overhead FLOPs per image: the observation's work beyond what every setting does anyway
+        (without stem exits, the shared ``embed`` + ``read_kv`` are paid by the setting)."""
+        memory, common = _memory_flops(model)
+        return memory - common + _pooled_flops(model) * self.pooled + _probe_flops(model) * self.probe
 
     def reused_flops(self, model: AdaPerceiver) -> np.ndarray:
-        """FLOPs ``(K, L, M)`` of each setting that the probe has already done, so need not be done again.
+        """FLOPs of each setting (an array of the grid's shape) that the observation has already done, beyond what
+        :meth:`flops` leaves to every setting, so they are not done (or counted) twice.
 
-        A setting with the probe's tokens and width continues from the probe's latents after block 1 (its read
-        and first block are the probe's); at depth 1 it *is* the probe and takes the probe's logits as well.
-        Adaptive inference really skips this work, and :func:`policy.evaluation.evaluate_actions` subtracts it,
-        so reported FLOPs are what actually runs. Zero everywhere for specs without the probe.
+        A setting at the probe's stage shares the observation's memory; one with the probe's tokens and width
+        also continues from the probe's latents after block 1 (its read and first block are the probe's), and at
+        depth 1 it *is* the probe and takes its logits. Adaptive inference really skips this work, and
+        :func:`policy.evaluation.evaluate_actions` subtracts it, so reported FLOPs are what actually runs.
         """
         grid = model.grid
+        memory, common = _memory_flops(model)
         reused = np.zeros(grid.shape, np.int64)
+        (reused[0] if grid.stages else reused)[...] = memory - common  # the settings of the probe's stage
         if self.probe:
-            k, d, m = grid.smallest_index  # the probe: its read and block 1 are every (k, :, m) setting's start
             parts = flops_breakdown(model.cfg, *grid.smallest)
-            reused[k, d:, m] = parts["read"] + parts["blocks"]
-            reused[k, d, m] += parts["write"] + parts["head"]
+            reused[self.continues_probe(model)] += parts["read"] + parts["blocks"]
+            reused[grid.smallest_index] += parts["write"] + parts["head"]
         return reused
+
+    def continues_probe(self, model: AdaPerceiver) -> np.ndarray:
+        """Which settings (a bool array of the grid's shape) start from the probe's latents after its block:
+        those at the probe's stage, tokens and width (every depth). None without the probe."""
+        grid = model.grid
+        mask = np.zeros(grid.shape, bool)
+        if self.probe:
+            mask[(*grid.smallest_index[:-2], slice(None), 0)] = True  # stage/token index 0, every depth, width 0
+        return mask
 
 
 OBSERVATIONS: dict[str, ObservationSpec] = {

@@ -27,7 +27,7 @@ from backbone.fileio import atomic_write, user_cache_dir
 from backbone.model import AdaPerceiver
 from backbone.settings import SettingsGrid
 from backbone.sweep import sweep
-from envs.observations import DEFAULT_OBSERVATION, get_observation
+from envs.observations import DEFAULT_OBSERVATION, get_observation, observe_embed
 
 FORMAT = "adaperceiver-rl/outcome-table"
 FORMAT_VERSION = 2
@@ -72,10 +72,10 @@ class OutcomeTable:
     """Per-sample outcome of every setting of a split, with the observations and FLOPs the environment needs.
 
     Attributes:
-        correct: ``(n, K, L, M)`` bool, argmax == label at (sample, token index, depth index, width index).
-        loss: ``(n, K, L, M)`` float32 cross-entropy.
-        pred: ``(n, K, L, M)`` int16 predicted class.
-        confidence: ``(n, K, L, M)`` float32 top-1 softmax probability (for the confidence early-exit baseline).
+        correct: ``(n, *grid.shape)`` bool, argmax == label at (sample, setting index), e.g. ``(n, K, L, M)``.
+        loss: ``(n, *grid.shape)`` float32 cross-entropy.
+        pred: ``(n, *grid.shape)`` int16 predicted class.
+        confidence: ``(n, *grid.shape)`` float32 top-1 softmax probability (for the confidence early-exit baseline).
         labels: ``(n,)`` int64 true class.
         obs: ``(n, F)`` float32 observation of each sample.
         grid: The backbone's :class:`~backbone.settings.SettingsGrid` (axes and FLOPs of every setting).
@@ -146,7 +146,7 @@ class OutcomeTable:
             with torch.no_grad():
                 starts = range(0, len(images), batch_size)
                 for s in tqdm(starts, desc="observations", unit="batch", disable=not progress):
-                    memory = model.embed(images[s : s + batch_size])
+                    memory = observe_embed(model, images[s : s + batch_size])
                     obs[s : s + batch_size] = spec.compute(model, memory).numpy()
         finally:
             model.train(was_training)
@@ -171,15 +171,15 @@ class OutcomeTable:
 
     @property
     def flops(self) -> np.ndarray:
-        """FLOPs ``(K, L, M)`` per image of every setting (``grid.flops``)."""
+        """FLOPs per image of every setting, shape ``grid.shape`` (``grid.flops``)."""
         return self.grid.flops
 
     def accuracy(self) -> np.ndarray:
-        """Accuracy ``(K, L, M)`` of every fixed setting over the table's samples."""
+        """Accuracy of every fixed setting over the table's samples, shape ``grid.shape``."""
         return self.correct.mean(0)
 
     def reward_matrix(self, reward: str = "correct", flops_penalty: float = 0.3) -> np.ndarray:
-        """Reward ``(n, K, L, M)`` float64 of every (sample, setting), read-only and memoised per argument pair.
+        """Reward ``(n, *grid.shape)`` float64 of every (sample, setting), read-only and memoised per argument pair.
 
         ``correct - flops_penalty * FLOPs / FLOPs(full)`` (``-loss`` in place of ``correct`` for ``"neg_ce"``);
         vectorised copies of the environment that share this table share one matrix.

@@ -64,15 +64,14 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
     acc = table.accuracy()
     flops = grid.flops
     fixed = grid.table(acc)
-    exit_cost = [
-        sum(v for part, v in flops_breakdown(model.cfg, g, 1, grid.widths[-1]).items() if part in ("write", "head"))
-        for g in grid.tokens
-    ]
-    early = {
-        f"{g}/{w}": early_exit(table.correct, table.confidence, flops, exit_cost, TAUS, k, m)
-        for k, g in enumerate(grid.tokens)
-        for m, w in enumerate(grid.widths)
-    }
+    depth_axis = grid.axis("depth")
+    early = {}
+    for index in np.ndindex(*grid.shape[:depth_axis], *grid.shape[depth_axis + 1 :]):  # every path along depth
+        path = (*index[:depth_axis], slice(None), *index[depth_axis:])
+        first = grid.setting(tuple(0 if isinstance(i, slice) else i for i in path))
+        write = flops_breakdown(model.cfg, first.tokens, 1, first.width, first.stage)
+        label = ("" if first.stage is None else f"s{first.stage}/") + f"{first.tokens}/{first.width}"
+        early[label] = early_exit(table.correct, table.confidence, flops, write["write"] + write["head"], TAUS, path)
 
     given = {}
     for run in args.policies or []:

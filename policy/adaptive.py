@@ -21,7 +21,7 @@ import torch
 from backbone.checkpoint import DEFAULT_BACKBONE, load_backbone
 from backbone.settings import Setting
 from envs import get_observation
-from envs.observations import run_probe
+from envs.observations import observe_embed, run_probe
 from policy.controller import actor_flops, choose_actions, load_ppo
 from policy.sidecar import check_compatible, resolve_run
 
@@ -32,8 +32,8 @@ class Prediction:
 
     labels: torch.Tensor  # (B,) predicted class
     logits: torch.Tensor  # (B, classes)
-    settings: list[Setting]  # (tokens, depth, width) each image ran at
-    actions: np.ndarray  # (B, 3) grid indices of those settings
+    settings: list[Setting]  # (tokens, depth, width[, stage]) each image ran at
+    actions: np.ndarray  # (B, grid.ndim) grid indices of those settings
     flops: np.ndarray  # (B,) FLOPs per image, controller overhead included
 
 
@@ -49,7 +49,8 @@ class AdaptiveClassifier:
             controller_flops if controller_flops is not None else self.spec.flops(backbone) + actor_flops(policy)
         )
         self.grid = backbone.grid
-        self.reused_flops = self.spec.reused_flops(backbone)  # probe work a setting continues from, not redone
+        self.reused_flops = self.spec.reused_flops(backbone)  # observation work a setting goes on from
+        self.continues_probe = self.spec.continues_probe(backbone)  # settings that start from the probe's latents
 
     @classmethod
     def load(
@@ -63,7 +64,7 @@ class AdaptiveClassifier:
         return cls(model, ppo.policy, sidecar["observation"])
 
     def choose(self, memory, probe_logits: torch.Tensor | None = None) -> np.ndarray:
-        """Setting indices ``(B, 3)`` for a batch already embedded by ``backbone.embed``."""
+        """Setting indices ``(B, grid.ndim)`` for a batch embedded by :func:`envs.observations.observe_embed`."""
         return choose_actions(self.policy, self.spec.compute(self.backbone, memory, probe_logits))
 
     @torch.no_grad()
@@ -71,30 +72,39 @@ class AdaptiveClassifier:
         """Classify ``images`` (float ``(B, C, H, W)`` in [0, 1], or a list of ``(C, H, W)``) adaptively."""
         model = self.backbone
         x = _as_batch(images)
-        memory = model.embed(x)
+        memory = observe_embed(model, x)
         probe = run_probe(model, memory) if self.spec.probe else None
         actions = self.choose(memory, None if probe is None else probe[1])
-        tokens, depth, widths = self.grid.values(actions)
+        index = tuple(actions.T)
+        setting = self.grid.values(actions)
         logits = memory.tokens.new_empty(len(x), model.cfg.num_classes)
-        # rows whose setting reuses the probe's work (its tokens and width) go on from the probe's latents;
-        # the same grid gives the FLOPs they skip, so execution and accounting cannot drift apart
-        on_probe = self.reused_flops[tuple(actions.T)] > 0
-        at_probe = on_probe & (depth == 1)
+        # rows whose setting continues from the probe's latents (its stage, tokens and width) skip its read and
+        # block 1; the spec that says which also prices them, so execution and accounting cannot drift apart
+        cont = self.continues_probe[index]
+        at_probe = cont & (setting.depth == 1)
         if at_probe.any():
             logits[at_probe] = probe[1][at_probe]
-        for g in np.unique(tokens).tolist():
-            rows = np.flatnonzero((tokens == g) & ~at_probe)
-            if len(rows) == 0:
+        stages = setting.stage if setting.stage is not None else np.full(len(x), memory.stage)
+        for stage in np.unique(stages).tolist():
+            in_stage = np.flatnonzero((stages == stage) & ~at_probe)
+            if len(in_stage) == 0:
                 continue
-            # one read, one pass through the blocks and one write-out per token count (widths and depths mixed)
-            start = memory.tokens.new_empty(len(rows), g, model.cfg.embed_dim)
-            cont = on_probe[rows]
-            if cont.any():
-                start[cont] = probe[0][rows[cont]]
-            if not cont.all():
-                start[~cont] = model.read_latents(memory[torch.from_numpy(rows[~cont])], g)
-            logits[rows] = model.forward_head(self._run_blocks(start, depth[rows], widths[rows], cont))
-        flops = self.grid.flops_of(actions) - self.reused_flops[tuple(actions.T)] + self.controller_flops
+            # one stem continuation per deeper stage: from the probe stage's feature map, nothing redone
+            deeper = stage != memory.stage
+            mem = model.continue_embed(memory[torch.from_numpy(in_stage)], stage) if deeper else memory
+            for g in np.unique(setting.tokens[in_stage]).tolist():
+                rows = in_stage[setting.tokens[in_stage] == g]
+                local = np.searchsorted(in_stage, rows) if deeper else rows  # rows of `mem`
+                # one read, one pass through the blocks and one write-out per (stage, tokens): widths and
+                # depths mixed
+                start = memory.tokens.new_empty(len(rows), g, model.cfg.embed_dim)
+                c = cont[rows]
+                if c.any():
+                    start[c] = probe[0][rows[c]]
+                if not c.all():
+                    start[~c] = model.read_latents(mem[torch.from_numpy(local[~c])], g)
+                logits[rows] = model.forward_head(self._run_blocks(start, setting.depth[rows], setting.width[rows], c))
+        flops = self.grid.flops_of(actions) - self.reused_flops[index] + self.controller_flops
         return Prediction(logits.argmax(-1), logits, self.grid.settings(actions), actions, flops)
 
     def _run_blocks(

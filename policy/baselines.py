@@ -18,28 +18,29 @@ def early_exit(
     correct: np.ndarray,
     confidence: np.ndarray,
     flops: np.ndarray,
-    exit_cost: Sequence[int],
+    exit_cost: int,
     taus: Sequence[float],
-    token_index: int,
-    width_index: int,
+    path: tuple[int | slice, ...],
 ) -> list[dict]:
-    """Accuracy and mean FLOPs of confidence early exit at one (tokens, width), for each threshold ``tau``.
+    """Accuracy and mean FLOPs of confidence early exit along one depth path, for each threshold ``tau``.
 
     Args:
-        correct, confidence: ``(n, K, L, M)`` outcome arrays.
-        flops: ``(K, L, M)`` FLOPs of each setting (one write-out included).
-        exit_cost: FLOPs of one extra write-out (write + head) per token granularity.
+        correct, confidence: ``(n, *grid.shape)`` outcome arrays.
+        flops: ``grid.shape`` FLOPs of each setting (one write-out included).
+        exit_cost: FLOPs of one extra write-out (write + head) at the path's token count.
         taus: thresholds on the top-1 probability.
-        token_index, width_index: the (tokens, width) the depth axis is walked at.
+        path: an index of the grid with ``slice(None)`` on the depth axis and fixed values on the others, e.g.
+            ``(k, slice(None), m)``: the (tokens, width) the depth axis is walked at.
     """
-    conf = confidence[:, token_index, :, width_index]  # (n, L)
-    ok = correct[:, token_index, :, width_index]
+    conf = confidence[(slice(None), *path)]  # (n, L)
+    ok = correct[(slice(None), *path)]
+    cost_at = flops[path]  # (L,)
     n, depth = conf.shape
     rows = []
     for tau in taus:
         hit = conf >= tau
         exit_at = np.where(hit.any(1), hit.argmax(1), depth - 1)  # 0-based depth index
-        cost = flops[token_index, exit_at, width_index] + exit_at * exit_cost[token_index]
+        cost = cost_at[exit_at] + exit_at * exit_cost
         rows.append(
             {"tau": float(tau), "accuracy": float(ok[np.arange(n), exit_at].mean()), "mean_flops": float(cost.mean())}
         )

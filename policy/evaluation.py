@@ -14,25 +14,26 @@ from backbone.pareto import front_accuracy_at
 def evaluate_actions(
     table, actions: np.ndarray, controller_flops: int, reused_flops: np.ndarray | None = None
 ) -> dict[str, Any]:
-    """Metrics of choosing ``actions[i]`` (token, depth, width indices) for sample ``i`` of ``table``.
+    """Metrics of choosing ``actions[i]`` (a setting index of ``table.grid``) for sample ``i`` of ``table``.
 
     ``mean_flops`` includes the controller's overhead (observation features + actor network) and leaves out
-    ``reused_flops[k, d, m]``, the part of a setting that the controller's probe already computed
+    ``reused_flops[index]``, the part of a setting that the controller's probe already computed
     (``ObservationSpec.reused_flops``; adaptive inference continues from the probe instead of redoing it). The
     best fixed setting is the most accurate one whose FLOPs are <= that mean (the fixed setting pays no overhead).
     """
     actions = np.asarray(actions, dtype=np.int64)
     n = len(table.labels)
-    if actions.shape != (n, 3):
-        raise ValueError(f"expected actions of shape ({n}, 3), got {actions.shape}")
-    k, d, m = actions.T
-    correct = table.correct[np.arange(n), k, d, m]
+    ndim = table.grid.ndim
+    if actions.shape != (n, ndim):
+        raise ValueError(f"expected actions of shape ({n}, {ndim}), got {actions.shape}")
+    index = tuple(actions.T)
+    correct = table.correct[(np.arange(n), *index)]
     reused = np.zeros(table.flops.shape, np.int64) if reused_flops is None else np.asarray(reused_flops)
     if reused.shape != table.flops.shape:
         raise ValueError(f"reused_flops has shape {reused.shape}, the settings grid {table.flops.shape}")
-    backbone_flops = (table.flops[k, d, m] - reused[k, d, m]).astype(np.float64)
+    backbone_flops = (table.flops[index] - reused[index]).astype(np.float64)
     mean_flops = float(backbone_flops.mean() + controller_flops)
-    fixed_acc = table.correct.mean(0)  # (K, L, M)
+    fixed_acc = table.correct.mean(0)  # grid.shape
     full = table.grid.full_index
     full_acc, full_flops = float(fixed_acc[full]), int(table.flops[full])
     best_fixed = front_accuracy_at(table.flops.ravel(), fixed_acc.ravel(), mean_flops)
@@ -45,7 +46,7 @@ def evaluate_actions(
         "mean_flops": mean_flops,
         "backbone_mean_flops": float(backbone_flops.mean()),
         "controller_flops": int(controller_flops),
-        "probe_reused_mean_flops": float(reused[k, d, m].mean()),
+        "probe_reused_mean_flops": float(reused[index].mean()),
         "full_accuracy": full_acc,
         "full_flops": full_flops,
         "flops_saving": 1.0 - mean_flops / full_flops,
@@ -57,7 +58,7 @@ def evaluate_actions(
     }
 
 
-def _best_fixed_index(flops: np.ndarray, acc: np.ndarray, budget: float) -> tuple[int, int, int] | None:
+def _best_fixed_index(flops: np.ndarray, acc: np.ndarray, budget: float) -> tuple[int, ...] | None:
     ok = flops <= budget
     if not ok.any():
         return None

@@ -82,12 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     for s in range(0, len(images), args.batch_size):
         pred = clf.predict(images[s : s + args.batch_size])
         for f, label, setting, flops in zip(files[s:], pred.labels.tolist(), pred.settings, pred.flops, strict=False):
-            rows.append(
-                {"file": str(f), "label": label, "class": names[label], "setting": list(setting), "flops": int(flops)}
-            )
+            named = {k: v for k, v in setting._asdict().items() if v is not None}
+            rows.append({"file": str(f), "label": label, "class": names[label], "setting": named, "flops": int(flops)})
     for r in rows:
-        g, d, w = r["setting"]
-        print(f"{r['file']}\t{r['label']} {r['class']}\ttokens={g} depth={d} width={w}\t{r['flops'] / 1e6:.2f} MFLOPs")
+        setting = " ".join(f"{k}={v}" for k, v in r["setting"].items())
+        print(f"{r['file']}\t{r['label']} {r['class']}\t{setting}\t{r['flops'] / 1e6:.2f} MFLOPs")
     full = clf.grid.full_flops
     mean = float(np.mean([r["flops"] for r in rows]))
     print(

@@ -33,6 +33,7 @@ from backbone import (
 from backbone.checkpoint import FORMAT, FORMAT_VERSION, METADATA_KEY
 from backbone.flops import SHARED_PARTS
 from backbone.layers import MatryoshkaMlp, PatchContext
+from backbone.settings import Setting
 from backbone.training import joint_loss
 
 ATOL = 1e-5  # float32 tolerance for "the same computation, different kernels / masks"
@@ -76,7 +77,7 @@ def test_every_setting_equals_forward_all(model: AdaPerceiver, images: torch.Ten
         all_logits = {w: model.forward_all(images, width=w) for w in cfg.widths}
         for logits in all_logits.values():
             assert logits.shape == (len(images), *model.grid.shape[:2], cfg.num_classes)
-        for g, d, w in list(model.grid):
+        for g, d, w, _ in model.grid:
             k = cfg.token_granularities.index(g)
             single = model(images, num_tokens=g, depth=d, width=w)
             assert single.shape == (len(images), cfg.num_classes)
@@ -137,7 +138,7 @@ def test_patch_memory_is_shared_by_every_setting(model: AdaPerceiver, images: to
 def test_sliced_width_equals_masked_width(model: AdaPerceiver, images: torch.Tensor) -> None:
     b = len(images)
     with torch.no_grad():
-        for g, d, w in list(model.grid):
+        for g, d, w, _ in model.grid:
             sliced = model(images, num_tokens=g, depth=d, width=w)
             torch.testing.assert_close(model(images, g, d, [w] * b), sliced, atol=ATOL, rtol=RTOL)
             torch.testing.assert_close(model(images, g, d, torch.full((b,), w)), sliced, atol=ATOL, rtol=RTOL)
@@ -205,12 +206,12 @@ def test_masked_width_equals_sliced_for_non_integer_ffn_ratio() -> None:
 # --- 3. analytic FLOPs == FlopCounterMode ------------------------------------------------------------------------
 
 
-def _assert_flops_match(m: AdaPerceiver, setting: tuple[int, int, int]) -> None:
-    g, d, w = setting
-    analytic = m.flops(g, d, w)
+def _assert_flops_match(m: AdaPerceiver, setting: tuple[int, ...]) -> None:
+    g, d, w, stage = Setting(*setting)
+    analytic = m.flops(g, d, w, stage)
     assert isinstance(analytic, int) and analytic > 0
     measured = measure_flops(m, torch.rand(1, m.cfg.in_chans, m.cfg.img_size, m.cfg.img_size), num_tokens=g,
-                             depth=d, width=w)  # fmt: skip
+                             depth=d, width=w, stage=stage)  # fmt: skip
     assert abs(analytic - measured) <= 0.01 * measured, f"{setting}: analytic {analytic} vs measured {measured}"
 
 
@@ -246,7 +247,7 @@ def test_fmnist_compute_range(fmnist: AdaPerceiver) -> None:
 
 def test_flops_grow_along_every_axis(fmnist: AdaPerceiver) -> None:
     c = fmnist.cfg
-    for g, d, w in list(fmnist.grid):
+    for g, d, w, _ in fmnist.grid:
         f = fmnist.flops(g, d, w)
         if d < c.depth:
             assert fmnist.flops(g, d + 1, w) > f
@@ -555,7 +556,8 @@ def test_numpy_integer_settings_are_accepted(model: AdaPerceiver, images: torch.
 
 
 def test_timm_registry() -> None:
-    assert set(MODEL_NAMES) == {"adaperceiver_test", "adaperceiver_fmnist", "adaperceiver_in1k"}
+    assert set(MODEL_NAMES) == {"adaperceiver_test", "adaperceiver_test_stages", "adaperceiver_fmnist",
+                                "adaperceiver_fmnist_stages", "adaperceiver_in1k"}  # fmt: skip
     assert set(MODEL_NAMES) <= set(timm.list_models("adaperceiver*"))
     m = timm.create_model("adaperceiver_test")
     assert isinstance(m, AdaPerceiver)

@@ -55,7 +55,7 @@ def test_early_exit_equals_brute_force_walk(seed: int) -> None:
     taus = [0.0, 0.25, 0.5, 0.6, 1.0, 1.5]  # 0: always at depth 1; 1.5: never confident, runs every block
     for k in range(flops.shape[0]):
         for m in range(flops.shape[2]):
-            rows = early_exit(correct, confidence, flops, exit_cost, taus, k, m)
+            rows = early_exit(correct, confidence, flops, exit_cost[k], taus, (k, slice(None), m))
             assert [r["tau"] for r in rows] == taus
             for tau, row in zip(taus, rows, strict=True):
                 hits, costs = 0, []
@@ -73,7 +73,7 @@ def test_early_exit_equals_brute_force_walk(seed: int) -> None:
 
 def test_early_exit_extremes_are_the_fixed_settings() -> None:
     correct, confidence, flops = random_outcomes(0)
-    first, last = early_exit(correct, confidence, flops, [5, 5], [0.0, 2.0], 1, 2)
+    first, last = early_exit(correct, confidence, flops, 5, [0.0, 2.0], (1, slice(None), 2))
     assert first["accuracy"] == correct[:, 1, 0, 2].mean() and first["mean_flops"] == flops[1, 0, 2]
     depth = flops.shape[1]
     assert last["accuracy"] == correct[:, 1, -1, 2].mean()

@@ -301,7 +301,7 @@ def test_table_shapes_flops_and_obs_bounds(model, table):
     assert table.correct.shape == table.loss.shape == table.pred.shape == (N_IMAGES, k, j, m)
     assert table.correct.dtype == bool and table.loss.dtype == np.float32 and table.pred.dtype == np.int16
     assert table.labels.dtype == np.int64 and table.obs.dtype == np.float32 and table.flops.dtype == np.int64
-    for (g, d, w), f in zip(list(model.grid), table.flops.reshape(-1), strict=True):
+    for (g, d, w, _), f in zip(list(model.grid), table.flops.reshape(-1), strict=True):
         assert f == model.flops(g, d, w)
     assert table.grid.full_index == (k - 1, j - 1, m - 1)
     recount = np.zeros((k, j, m))

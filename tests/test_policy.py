@@ -24,6 +24,7 @@ from PIL import Image
 from backbone import create_model, load_backbone, save_backbone
 from backbone.data import load_split
 from backbone.flops import flop_counter
+from backbone.settings import Setting
 from envs import load_or_build
 from policy import AdaptiveClassifier, build_policy_config, train_controller
 from policy.controller import choose_actions
@@ -195,7 +196,7 @@ def test_grouped_batch_equals_per_image(run: Path, images: torch.Tensor) -> None
     clf = AdaptiveClassifier.load(run)
     pred = clf.predict(images)
     for i in range(len(images)):
-        g, d, w = pred.settings[i]
+        g, d, w, _ = pred.settings[i]
         alone = clf.backbone(images[i : i + 1], num_tokens=g, depth=d, width=w)
         torch.testing.assert_close(pred.logits[i : i + 1], alone, atol=1e-5, rtol=1e-5)
         assert int(pred.labels[i]) == int(alone.argmax())
@@ -214,7 +215,7 @@ def test_other_observation_specs_train_and_predict(work, observation: str, image
     obs = clf.spec.compute(clf.backbone, clf.backbone.embed(images))
     np.testing.assert_array_equal(pred.actions, choose_actions(clf.policy, obs))
     for i in range(len(images)):
-        g, d, w = pred.settings[i]
+        g, d, w, _ = pred.settings[i]
         torch.testing.assert_close(pred.logits[i : i + 1], clf.backbone(images[i : i + 1], g, d, w), atol=1e-5,
                                    rtol=1e-5)  # fmt: skip
         assert pred.flops[i] == clf.backbone.flops(g, d, w) - clf.reused_flops[tuple(pred.actions[i])] + (
@@ -281,7 +282,7 @@ def test_infer_cli_on_png_files(run: Path, images: torch.Tensor, tmp_path) -> No
     expected = clf.predict(torch.stack([images[i] for i in range(3)]))
     # PNG quantisation to 8 bits is lossless for these uint8-origin images, so labels and settings must agree
     assert [x["label"] for x in rows] == expected.labels.tolist()
-    assert [tuple(x["setting"]) for x in rows] == expected.settings
+    assert [Setting(**x["setting"]) for x in rows] == expected.settings
     assert "3 images: mean" in r.stdout
     bad = _cli("-m", "policy.infer", "--policy", str(run), str(folder / "broken.png"))
     assert bad.returncode != 0 and "cannot read image" in bad.stderr

@@ -39,7 +39,7 @@ def test_committed_evaluation_belongs_to_the_shipped_checkpoint(shipped) -> None
     assert full["accuracy"] >= 0.90 and smallest["accuracy"] >= 0.80  # the targets of issue 3
     # the recorded FLOPs are the model's, and the recorded Pareto flags are the brute-force front of the rows
     rows = result["settings"]
-    assert [(r["tokens"], r["depth"], r["width"]) for r in rows] == [tuple(s) for s in shipped.grid]
+    assert [(r["tokens"], r["depth"], r["width"]) for r in rows] == [tuple(s)[:3] for s in shipped.grid]
     assert [r["flops"] for r in rows] == shipped.grid.flops.ravel().tolist()
     assert [r["pareto"] for r in rows] == _brute_force_front_flags(rows)
     assert sum(r["pareto"] for r in rows) >= 3  # the check above is not vacuous
