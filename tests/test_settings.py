@@ -23,8 +23,9 @@ def test_index_and_setting_round_trip_in_c_order(grid: SettingsGrid) -> None:
     for index, setting in zip(grid.indices(), expected, strict=True):
         assert grid.setting(index) == Setting(*setting) and grid.index(setting) == index
     assert grid.setting(np.array([1, 2, 0])) == Setting(4, 3, 8) and str(Setting(4, 3, 8)) == "4/3/8"
-    tokens, depth, width = grid.values(np.array([[0, 0, 0], [2, 1, 2], [1, 2, 1]]))
+    tokens, depth, width, stage = grid.values(np.array([[0, 0, 0], [2, 1, 2], [1, 2, 1]]))
     assert tokens.tolist() == [2, 8, 4] and depth.tolist() == [1, 2, 3] and width.tolist() == [8, 32, 16]
+    assert stage is None
 
 
 def test_flops_are_the_models_analytic_flops(grid: SettingsGrid) -> None:
