@@ -9,6 +9,7 @@ FLOPs with the fixed-setting Pareto front) into ``--out`` (default: next to the 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -19,8 +20,13 @@ from backbone.interrupt import exits_cleanly_on_ctrl_c
 from backbone.sweep import accuracy_grid
 
 
-def write_report(rows: list[dict], meta: dict, out: Path, stem: str) -> dict[str, Path]:
-    """JSON + Markdown table + PNG plot of a settings sweep."""
+def _label(r: dict) -> str:
+    """``tokens/depth/width``, prefixed ``s<stage>/`` for a backbone with the input-side axis."""
+    return ("" if "stage" not in r else f"s{r['stage']}/") + f"{r['tokens']}/{r['depth']}/{r['width']}"
+
+
+def write_report(rows: list[dict], meta: dict, out: Path, stem: str, compare: dict | None = None) -> dict[str, Path]:
+    """JSON + Markdown table + PNG plot of a settings sweep (``compare``: another report drawn on the same axes)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
     write_json(paths["json"], {**meta, "settings": rows}, indent=1)
@@ -32,25 +38,23 @@ def write_report(rows: list[dict], meta: dict, out: Path, stem: str) -> dict[str
         f"Command: `{meta['command']}`  ",
         f"Backbone sha256: `{meta['sha256']}`",
         "",
-        f"- full setting {full['tokens']}/{full['depth']}/{full['width']}: **{full['accuracy']:.2%}** at "
-        f"{full['flops'] / 1e6:.1f} MFLOPs",
-        f"- smallest setting {small['tokens']}/{small['depth']}/{small['width']}: **{small['accuracy']:.2%}** at "
-        f"{small['flops'] / 1e6:.1f} MFLOPs ({full['flops'] / small['flops']:.1f}x fewer)",
+        f"- full setting {_label(full)}: **{full['accuracy']:.2%}** at {full['flops'] / 1e6:.1f} MFLOPs",
+        f"- smallest setting {_label(small)}: **{small['accuracy']:.2%}** at {small['flops'] / 1e6:.1f} MFLOPs "
+        f"({full['flops'] / small['flops']:.1f}x fewer)",
         "",
-        "| tokens | depth | width | MFLOPs | accuracy | Pareto |",
-        "|---:|---:|---:|---:|---:|:---:|",
+        "| setting | MFLOPs | accuracy | Pareto |",
+        "|---|---:|---:|:---:|",
     ]
     lines += [
-        f"| {r['tokens']} | {r['depth']} | {r['width']} | {r['flops'] / 1e6:.2f} | {r['accuracy']:.2%} | "
-        f"{'*' if r['pareto'] else ''} |"
+        f"| {_label(r)} | {r['flops'] / 1e6:.2f} | {r['accuracy']:.2%} | {'*' if r['pareto'] else ''} |"
         for r in sorted(rows, key=lambda r: r["flops"])
     ]
     write_text(paths["md"], "\n".join(lines) + "\n")
-    _plot(rows, meta, paths["png"])
+    _plot(rows, meta, paths["png"], compare)
     return paths
 
 
-def _plot(rows: list[dict], meta: dict, path: Path) -> None:
+def _plot(rows: list[dict], meta: dict, path: Path, compare: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,7 +62,7 @@ def _plot(rows: list[dict], meta: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     widths = sorted({r["width"] for r in rows})
-    for marker, w in zip("o^s", widths, strict=False):
+    for marker, w in zip("o^sDv<>", widths, strict=False):
         pts = [r for r in rows if r["width"] == w]
         ax.scatter(
             [r["flops"] / 1e6 for r in pts],
@@ -79,6 +83,10 @@ def _plot(rows: list[dict], meta: dict, path: Path) -> None:
         lw=1,
         label="Pareto front",
     )
+    if compare is not None:
+        other = sorted((r for r in compare["settings"] if r["pareto"]), key=lambda r: r["flops"])
+        ax.step([r["flops"] / 1e6 for r in other], [100 * r["accuracy"] for r in other], where="post", color="0.5",
+                ls="--", lw=1, label=f"Pareto front of {compare['sha256'][:12]} ({compare['split']})")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("MFLOPs per image (log scale)")
     ax.set_ylabel(f"top-1 accuracy on {meta['split']} (%)")
@@ -88,6 +96,17 @@ def _plot(rows: list[dict], meta: dict, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
+
+
+def read_report(path: str | Path) -> dict:
+    """An ``eval_<split>.json`` written by this command; ValueError (naming ``--compare``) for anything else."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if not (isinstance(data, dict) and {"settings", "sha256", "split"} <= set(data)):
+        raise ValueError(f"--compare {path} is not an eval_<split>.json written by backbone.evaluate")
+    return data
 
 
 def default_out(checkpoint: str | Path, sha256: str) -> Path:
@@ -113,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: $ADAPERCEIVER_DATA_DIR or Debian's path)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first N images only (0 = all)")
     parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
+    parser.add_argument("--compare", help="eval_<split>.json of another backbone whose front is drawn on the same axes")
     parser.add_argument(
         "--out",
         help="folder for eval_<split>.{json,md,png} (default: the checkpoint's folder; runs/eval__<sha> for the "
@@ -120,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        compare = read_report(args.compare) if args.compare else None
         model = load_backbone(args.checkpoint)
         data = load_split(args.split, args.data_dir)
         if args.limit:
@@ -127,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         acc = accuracy_grid(model, data.as_float(), data.labels, batch_size=args.batch_size, progress=True)
         rows = model.grid.table(acc)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # JSONDecodeError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = {
@@ -139,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m backbone.evaluate " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     out = Path(args.out) if args.out else default_out(args.checkpoint, model.checkpoint_sha256)
-    paths = write_report(rows, meta, out, f"eval_{args.split}")
-    print(paths["md"].read_text().split("\n| tokens")[0])
+    paths = write_report(rows, meta, out, f"eval_{args.split}", compare)
+    print(paths["md"].read_text().split("\n| setting")[0])
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

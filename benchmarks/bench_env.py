@@ -97,17 +97,16 @@ def main(argv: list[str] | None = None) -> int:
 
     env = AdaPerceiverComputeEnv(backbone=model, split=args.split, table=table, observation=args.observation)
     rng = np.random.default_rng(args.seed)
-    actions = rng.integers(0, env.action_space.nvec, size=(args.steps, 3))
+    actions = rng.integers(0, env.action_space.nvec, size=(args.steps, table.grid.ndim))
     rates = table_mode_steps_per_s(env, actions, args.repeats)
     median = statistics.median(rates)
 
-    k, l_, m = table.grid_shape
     results = {
         "backbone": source,
         "backbone_sha256": table.backbone_sha256,
         "split": args.split,
         "samples": len(table),
-        "settings": k * l_ * m,
+        "settings": len(table.grid),
         "observation": args.observation,
         "torch_threads": torch.get_num_threads(),
         "load_data_s": round(load_data_s, 3),
@@ -120,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "machine": platform.processor() or platform.machine(),
     }
-    print(f"backbone {source}, split {args.split}: {len(table)} images x {k * l_ * m} settings ({k}x{l_}x{m})")
+    dims = "x".join(map(str, table.grid.shape))
+    print(f"backbone {source}, split {args.split}: {len(table)} images x {len(table.grid)} settings ({dims})")
     print(f"(1) outcome table build (no cache): {build_s:.2f} s   [data load {load_data_s:.2f} s, "
           f"cached re-load {cached_s:.3f} s, torch threads {torch.get_num_threads()}]")  # fmt: skip
     print(f"(2) table-mode single env: {median:,.0f} env steps/s (reset+step; median of {args.repeats} x "

@@ -101,3 +101,25 @@ def test_default_environment_uses_the_shipped_backbone(shipped) -> None:
 def test_default_environment_table_mode_builds_the_policy_split_table() -> None:
     env = gym.make("AdaPerceiverCompute-v0", flops_penalty=0.3)
     assert env.unwrapped.table.correct.shape == (10_000, 4, 8, 3)
+
+
+def test_evaluate_cli_writes_next_to_a_run_and_draws_another_front(tmp_path: Path) -> None:
+    """backbone.evaluate on a checkpoint in a run folder writes its report there (never into docs/results), and
+    --compare draws the committed evaluation's front on the same axes; a file that is no report is refused."""
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(DEFAULT_BACKBONE, run / "backbone.safetensors")
+    committed = Path(__file__).resolve().parent.parent / "docs" / "results" / "eval_test.json"
+    cmd = [sys.executable, "-m", "backbone.evaluate", "--checkpoint", str(run / "backbone.safetensors"), "--split",
+           "test", "--limit", "200", "--compare", str(committed)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((run / "eval_test.json").read_text())
+    assert report["samples"] == 200 and report["sha256"] == json.loads(committed.read_text())["sha256"]
+    assert (run / "eval_test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (run / "eval_test.md").is_file()
+    bad = subprocess.run([*cmd[:-1], str(run / "backbone.safetensors")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--compare" in bad.stderr
