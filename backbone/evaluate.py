@@ -17,12 +17,8 @@ from pathlib import Path
 from backbone.checkpoint import DEFAULT_BACKBONE, load_backbone
 from backbone.fileio import atomic_write, display_path, write_json, write_text
 from backbone.interrupt import exits_cleanly_on_ctrl_c
+from backbone.settings import Setting
 from backbone.sweep import accuracy_grid
-
-
-def _label(r: dict) -> str:
-    """``tokens/depth/width``, prefixed ``s<stage>/`` for a backbone with the input-side axis."""
-    return ("" if "stage" not in r else f"s{r['stage']}/") + f"{r['tokens']}/{r['depth']}/{r['width']}"
 
 
 def write_report(rows: list[dict], meta: dict, out: Path, stem: str, compare: dict | None = None) -> dict[str, Path]:
@@ -38,15 +34,15 @@ def write_report(rows: list[dict], meta: dict, out: Path, stem: str, compare: di
         f"Command: `{meta['command']}`  ",
         f"Backbone sha256: `{meta['sha256']}`",
         "",
-        f"- full setting {_label(full)}: **{full['accuracy']:.2%}** at {full['flops'] / 1e6:.1f} MFLOPs",
-        f"- smallest setting {_label(small)}: **{small['accuracy']:.2%}** at {small['flops'] / 1e6:.1f} MFLOPs "
+        f"- full setting {Setting.of_row(full)}: **{full['accuracy']:.2%}** at {full['flops'] / 1e6:.1f} MFLOPs",
+        f"- smallest setting {Setting.of_row(small)}: **{small['accuracy']:.2%}** at {small['flops'] / 1e6:.1f} MFLOPs "
         f"({full['flops'] / small['flops']:.1f}x fewer)",
         "",
         "| setting | MFLOPs | accuracy | Pareto |",
         "|---|---:|---:|:---:|",
     ]
     lines += [
-        f"| {_label(r)} | {r['flops'] / 1e6:.2f} | {r['accuracy']:.2%} | {'*' if r['pareto'] else ''} |"
+        f"| {Setting.of_row(r)} | {r['flops'] / 1e6:.2f} | {r['accuracy']:.2%} | {'*' if r['pareto'] else ''} |"
         for r in sorted(rows, key=lambda r: r["flops"])
     ]
     write_text(paths["md"], "\n".join(lines) + "\n")

@@ -36,6 +36,11 @@ class Setting(NamedTuple):
     width: int
     stage: int | None = None
 
+    @classmethod
+    def of_row(cls, row: dict[str, Any]) -> Setting:
+        """The setting of a report row (``SettingsGrid.table``: keys tokens, depth, width[, stage])."""
+        return cls(row["tokens"], row["depth"], row["width"], row.get("stage"))
+
     def __str__(self) -> str:
         core = f"{self.tokens}/{self.depth}/{self.width}"
         return core if self.stage is None else f"s{self.stage}/{core}"

@@ -21,6 +21,7 @@ from backbone.data import DataError
 from backbone.fileio import atomic_write, write_json
 from backbone.flops import flops_breakdown
 from backbone.interrupt import EXIT_INTERRUPTED
+from backbone.settings import Setting
 from envs import get_observation
 from policy.baselines import early_exit, oracle, random_matched
 from policy.config import DEFAULT_POLICY_CONFIG, build_policy_config
@@ -160,11 +161,11 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "",
         "## Fixed-setting Pareto front",
         "",
-        "| tokens | depth | width | MFLOPs | accuracy |",
-        "|---:|---:|---:|---:|---:|",
+        "| setting | MFLOPs | accuracy |",
+        "|---|---:|---:|",
     ]
     lines += [
-        f"| {r['tokens']} | {r['depth']} | {r['width']} | {fmt(r['flops'])} | {r['accuracy']:.2%} |"
+        f"| {Setting.of_row(r)} | {fmt(r['flops'])} | {r['accuracy']:.2%} |"
         for r in sorted((r for r in result["fixed"] if r["pareto"]), key=lambda r: r["flops"])
     ]
     text = "\n".join(lines) + "\n"
