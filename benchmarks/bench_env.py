@@ -28,7 +28,7 @@ from backbone import DEFAULT_BACKBONE, AdaPerceiver, create_model, load_backbone
 from backbone.data import SPLITS, load_split
 from backbone.fileio import write_json
 from backbone.interrupt import exits_cleanly_on_ctrl_c
-from envs import AdaPerceiverComputeEnv, OutcomeTable, load_or_build
+from envs import AdaPerceiverComputeEnv, load_or_build
 
 
 def table_mode_steps_per_s(env: AdaPerceiverComputeEnv, actions: np.ndarray, repeats: int) -> list[float]:
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                               progress=False, batch_size=args.batch_size)  # fmt: skip
         build_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        cached = OutcomeTable.load_or_build(model, args.split, observation=args.observation, cache_dir=cache,
-                                            dataset=dataset, progress=False)  # fmt: skip
+        cached = load_or_build(model, args.split, observation=args.observation, cache_dir=cache, dataset=dataset,
+                               progress=False)  # fmt: skip
         cached_s = time.perf_counter() - t0
         assert np.array_equal(cached.correct, table.correct)
 

@@ -13,6 +13,7 @@ import torch
 import envs  # noqa: F401  (registers AdaPerceiverCompute-v0)
 from backbone import DEFAULT_BACKBONE, load_backbone
 from backbone.data import load_split
+from backbone.settings import Setting
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 
@@ -39,7 +40,7 @@ def test_committed_evaluation_belongs_to_the_shipped_checkpoint(shipped) -> None
     assert full["accuracy"] >= 0.90 and smallest["accuracy"] >= 0.80  # the targets of issue 3
     # the recorded FLOPs are the model's, and the recorded Pareto flags are the brute-force front of the rows
     rows = result["settings"]
-    assert [(r["tokens"], r["depth"], r["width"]) for r in rows] == [tuple(s)[:3] for s in shipped.grid]
+    assert [Setting.of_row(r) for r in rows] == list(shipped.grid)
     assert [r["flops"] for r in rows] == shipped.grid.flops.ravel().tolist()
     assert [r["pareto"] for r in rows] == _brute_force_front_flags(rows)
     assert sum(r["pareto"] for r in rows) >= 3  # the check above is not vacuous
@@ -57,26 +58,34 @@ def _brute_force_front_flags(rows: list[dict]) -> list[bool]:
     return [not any(beats(j, i) for j in range(len(rows))) for i in range(len(rows))]
 
 
-# settings spanning every axis (tokens, depth, width), all cheap enough to score on the whole test set in seconds
-CHECKED_SETTINGS = [(4, 1, 32), (4, 2, 32), (8, 1, 32), (4, 1, 128), (8, 2, 64)]
+def _checked_settings(grid) -> list[Setting]:
+    """The smallest setting and, for each axis, one step along it (the last width): cheap settings spanning every
+    axis, so a wrong stage, token, depth or width index shows."""
+    picks = [grid.smallest]
+    for i, axis in enumerate(grid.axes):
+        index = list(grid.smallest_index)
+        index[i] = grid.shape[i] - 1 if axis == "width" else 1
+        picks.append(grid.setting(index))
+    return picks
 
 
 def test_shipped_accuracy_of_settings_matches_the_committed_evaluation(shipped) -> None:
     """Re-score a few settings on all 10,000 test images: they must reproduce docs/results/eval_test.json.
 
-    Neighbouring settings differ by a few images (4/1/32: 8972 correct, 4/2/32: 8976), so a wrong depth, token or
-    width index shows; the tolerance of 2 images allows for argmax ties flipping under other kernels.
+    Neighbouring settings differ by a few images (for the issue-3 backbone 4/1/32: 8972 correct, 4/2/32: 8976), so a
+    wrong index shows; the tolerance of 2 images allows for argmax ties flipping under other kernels.
     """
-    recorded = {(r["tokens"], r["depth"], r["width"]): r["accuracy"] for r in json.loads(
-        (RESULTS / "eval_test.json").read_text())["settings"]}  # fmt: skip
+    rows = json.loads((RESULTS / "eval_test.json").read_text())["settings"]
+    recorded = {Setting.of_row(r): r["accuracy"] for r in rows}
+    checked = _checked_settings(shipped.grid)
     data = load_split("test")
-    hits = dict.fromkeys(CHECKED_SETTINGS, 0)
+    hits = dict.fromkeys(checked, 0)
     with torch.inference_mode():
         for x, y in zip(data.as_float().split(1000), data.labels.split(1000), strict=True):
-            memory = shipped.embed(x)  # shared by every setting
-            for setting in CHECKED_SETTINGS:
+            memory = shipped.embed(x, shipped.grid.smallest.stage)  # shared by every setting (continued if deeper)
+            for setting in checked:
                 hits[setting] += int((shipped(memory, *setting).argmax(-1) == y).sum())
-    for setting in CHECKED_SETTINGS:
+    for setting in checked:
         assert hits[setting] / len(data) == pytest.approx(recorded[setting], abs=2e-4), setting
 
 
@@ -84,14 +93,14 @@ def test_default_environment_uses_the_shipped_backbone(shipped) -> None:
     env = gym.make("AdaPerceiverCompute-v0", flops_penalty=0.3, mode="live")
     obs, info = env.reset(seed=0)
     assert env.observation_space.contains(obs)
-    _, reward, terminated, truncated, info = env.step(np.array([3, 7, 2]))
+    _, reward, terminated, truncated, info = env.step(np.array(shipped.grid.full_index))
     assert terminated and not truncated
-    assert (info["tokens"], info["depth"], info["width"]) == (32, 8, 128)
+    assert Setting.of_row(info) == shipped.grid.full
     # the outcome is the shipped backbone's own prediction on that policy-train image
     data = load_split("policy-train")
     i = info["sample_index"]
     with torch.inference_mode():
-        pred = int(shipped(data.as_float()[i : i + 1], 32, 8, 128).argmax(-1))
+        pred = int(shipped(data.as_float()[i : i + 1], *shipped.grid.full).argmax(-1))
     assert (info["pred"], info["label"], info["correct"]) == (pred, int(data.labels[i]), pred == int(data.labels[i]))
     assert reward == pytest.approx(float(info["correct"]) - 0.3)
     assert env.unwrapped.split == "policy-train" and env.unwrapped.n_samples == 10_000
