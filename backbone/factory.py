@@ -69,6 +69,22 @@ def adaperceiver_test_stages(pretrained: bool = False, **kwargs: Any) -> AdaPerc
     return _build("adaperceiver_test_stages", size, pretrained, **kwargs)
 
 
+FMNIST_SIZE = dict(
+    patch_size=4,
+    stem="conv",
+    stem_dims=(16, 32, 64),
+    stem_strides=(1, 2, 2),
+    patch_dim=64,
+    patch_context_kernel=3,
+    embed_dim=128,
+    num_heads=8,
+    depth=8,
+    ffn_ratio=4.0,
+    token_granularities=(4, 8, 16, 32),
+    widths=(32, 64, 128),
+)
+
+
 @_named_size
 def adaperceiver_fmnist(pretrained: bool = False, **kwargs: Any) -> AdaPerceiver:
     """Default for 28x28x1, 10 classes: 3-conv stem to 64-wide 7x7 patch tokens, D=128, 8 blocks, 4 x 8 x 3 settings.
@@ -77,20 +93,7 @@ def adaperceiver_fmnist(pretrained: bool = False, **kwargs: Any) -> AdaPerceiver
     context and 64-wide patch tokens (half the read's key/value FLOPs) gave 90.11% vs 89.16% for the earlier
     one-conv stem at the same compute (docs/results/README.md).
     """
-    size = dict(
-        patch_size=4,
-        stem="conv",
-        stem_dims=(16, 32, 64),
-        stem_strides=(1, 2, 2),
-        patch_dim=64,
-        patch_context_kernel=3,
-        embed_dim=128,
-        num_heads=8,
-        depth=8,
-        ffn_ratio=4.0,
-        token_granularities=(4, 8, 16, 32),
-        widths=(32, 64, 128),
-    )
+    size = FMNIST_SIZE
     return _build("adaperceiver_fmnist", size, pretrained, **kwargs)
 
 
@@ -99,21 +102,7 @@ def adaperceiver_fmnist_stages(pretrained: bool = False, **kwargs: Any) -> AdaPe
     """``adaperceiver_fmnist`` plus the input-side axis of issue 18: the stem can exit after its first or second
     convolution (average pooling to the 7x7 grid + 1x1 conv to the tokens), and the grid reaches down to 2 latents
     and FFN width 16: 3 x 5 x 8 x 4 = 480 settings from 2.7 to 115.8 MFLOPs (docs/results, adapter-stage pilots)."""
-    size = dict(
-        patch_size=4,
-        stem="conv",
-        stem_dims=(16, 32, 64),
-        stem_strides=(1, 2, 2),
-        stem_exits=(1, 2),
-        patch_dim=64,
-        patch_context_kernel=3,
-        embed_dim=128,
-        num_heads=8,
-        depth=8,
-        ffn_ratio=4.0,
-        token_granularities=(2, 4, 8, 16, 32),
-        widths=(16, 32, 64, 128),
-    )
+    size = {**FMNIST_SIZE, "stem_exits": (1, 2), "token_granularities": (2, 4, 8, 16, 32), "widths": (16, 32, 64, 128)}
     return _build("adaperceiver_fmnist_stages", size, pretrained, **kwargs)
 
 
