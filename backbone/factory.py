@@ -32,40 +32,30 @@ def _named_size(fn: Callable[..., AdaPerceiver]) -> Callable[..., AdaPerceiver]:
     return register_model(fn)
 
 
+TEST_SIZE = dict(
+    patch_size=7,
+    stem="patch",
+    embed_dim=32,
+    num_heads=2,
+    depth=3,
+    ffn_ratio=2.0,
+    token_granularities=(2, 4, 8),
+    widths=(8, 16, 32),
+)
+
+
 @_named_size
 def adaperceiver_test(pretrained: bool = False, **kwargs: Any) -> AdaPerceiver:
     """Tiny size for tests: 28x28x1 input, 16 patches, D=32, 3 blocks, 3 x 3 x 3 settings."""
-    size = dict(
-        patch_size=7,
-        stem="patch",
-        embed_dim=32,
-        num_heads=2,
-        depth=3,
-        ffn_ratio=2.0,
-        token_granularities=(2, 4, 8),
-        widths=(8, 16, 32),
-    )
-    return _build("adaperceiver_test", size, pretrained, **kwargs)
+    return _build("adaperceiver_test", TEST_SIZE, pretrained, **kwargs)
 
 
 @_named_size
 def adaperceiver_test_stages(pretrained: bool = False, **kwargs: Any) -> AdaPerceiver:
-    """Tiny size with the input-side axis for tests: a 3-conv stem (8, 16, 16 channels) with exits after 1 and 2
-    convs, 7x7 patches, D=32, 3 blocks: 3 x 3 x 3 x 3 settings."""
-    size = dict(
-        patch_size=4,
-        stem="conv",
-        stem_dims=(8, 16, 16),
-        stem_strides=(1, 2, 2),
-        stem_exits=(1, 2),
-        patch_dim=16,
-        embed_dim=32,
-        num_heads=2,
-        depth=3,
-        ffn_ratio=2.0,
-        token_granularities=(2, 4, 8),
-        widths=(8, 16, 32),
-    )
+    """Tiny size with the input-side axis for tests: ``adaperceiver_test``'s latent part behind a 3-conv stem
+    (8, 16, 16 channels) with exits after 1 and 2 convs, 7x7 patches: 3 x 3 x 3 x 3 settings."""
+    stem = dict(patch_size=4, stem="conv", stem_dims=(8, 16, 16), stem_strides=(1, 2, 2), stem_exits=(1, 2))
+    size = {**TEST_SIZE, **stem, "patch_dim": 16}
     return _build("adaperceiver_test_stages", size, pretrained, **kwargs)
 
 
