@@ -28,7 +28,7 @@ class AdaPerceiverConfig:
     stem: Literal["patch", "conv"] = "conv"  # "patch": one conv k=s=patch; "conv": 3x3 convs + GELU, conv to patch
     stem_dims: tuple[int, ...] = (32,)  # channels of the "conv" stem's 3x3 convs
     stem_strides: tuple[int, ...] = ()  # stride of each of those convs; () = 2 for the first, 1 for the rest
-    stem_exits: tuple[int, ...] = ()  # input-side axis: after these many convs (< all) the stem can exit early
+    stem_exits: tuple[int, ...] = ()  # input-side axis: after these many convs (< all; 0 = none) the stem can exit
     patch_context_kernel: int = 0  # odd k: add a depthwise k x k conv over the patch grid to the tokens; 0 = none
     patch_dim: int = 0  # width of the patch tokens the read attends over; 0 = embed_dim (narrower = cheaper read k/v)
     # --- latent transformer ------------------------------------------------------------------------------------
@@ -76,8 +76,8 @@ class AdaPerceiverConfig:
             if self.stem != "conv":
                 raise ValueError(f"stem_exits needs the conv stem (stem: conv), got stem={self.stem!r}")
             n = len(self.stem_dims)
-            if list(exits) != sorted(set(exits)) or exits[0] < 1 or exits[-1] >= n:
-                raise ValueError(f"stem_exits must be strictly increasing conv counts in 1..{n - 1}, got {exits}")
+            if list(exits) != sorted(set(exits)) or exits[0] < 0 or exits[-1] >= n:
+                raise ValueError(f"stem_exits must be strictly increasing conv counts in 0..{n - 1}, got {exits}")
         if self.patch_dim < 0:
             raise ValueError(f"patch_dim must be 0 (= embed_dim) or a positive token width, got {self.patch_dim}")
         k = self.patch_context_kernel

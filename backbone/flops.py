@@ -45,6 +45,8 @@ def embed_flops(cfg: AdaPerceiverConfig, stage: int | None = None) -> int:
         if stage == cfg.stages[-1]:
             rest = cfg.patch_size // math.prod(cfg.conv_stem_strides)
             embed += 2 * p * cfg.stem_dims[-1] * rest**2 * t
+        elif stage == 0:  # linear patch embedding of the image
+            embed += 2 * p * cfg.in_chans * cfg.patch_size**2 * t
         else:  # average pooling is element-wise (not counted), then a 1x1 conv on the patch grid
             embed += 2 * p * cfg.stem_dims[stage - 1] * t
     else:

@@ -108,7 +108,8 @@ def test_sweep_equals_single_setting_runs(model, images) -> None:
     ("overrides", "match"),
     [
         ({"stem": "patch", "stem_exits": (1,)}, "needs the conv stem"),
-        ({"stem_exits": (3,)}, r"strictly increasing conv counts in 1..2"),
+        ({"stem_exits": (3,)}, r"strictly increasing conv counts in 0..2"),
+        ({"stem_exits": (-1,)}, r"strictly increasing conv counts in 0..2"),
         ({"stem_exits": (2, 1)}, "strictly increasing"),
         ({"stem_strides": (1, 1, 4), "stem_exits": (1,), "patch_size": 4}, None),
     ],

@@ -8,8 +8,10 @@ missing to the patch grid, to the patch-token width (``patch_dim``, or ``embed_d
 
 On Fashion-MNIST the accuracy is bought by the depth of this stem (issue 18), so it can also *exit early*: after
 the first ``e`` convolutions (``stem_exits``) a light projection (average pooling to the patch grid, then a 1x1
-convolution) turns the feature map into the same patch tokens. A deeper stage continues from a shallower one's
-feature map, so running stage 1 first (the controller's probe) and then stage 3 redoes nothing.
+convolution) turns the feature map into the same patch tokens; an exit after 0 convolutions is ViT's linear
+patch embedding of the image (kernel = stride = patch). A deeper stage continues from a shallower one's feature
+map (the image itself for stage 0), so running the shallowest stage first (the controller's probe) and then the
+deepest redoes nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class ConvStem(nn.Module):
         grid = img_size // patch_size
         self.exits = nn.ModuleList()
         for e in exits:
+            if e == 0:  # no convolution yet: ViT's linear patch embedding of the image, the cheapest adapter
+                self.exits.append(nn.Conv2d(in_chans, out_dim, kernel_size=patch_size, stride=patch_size))
+                continue
             side = img_size
             for stride in strides[:e]:
                 side = -(-side // stride)
