@@ -53,8 +53,9 @@ def adaperceiver_test(pretrained: bool = False, **kwargs: Any) -> AdaPerceiver:
 @_named_size
 def adaperceiver_test_stages(pretrained: bool = False, **kwargs: Any) -> AdaPerceiver:
     """Tiny size with the input-side axis for tests: ``adaperceiver_test``'s latent part behind a 3-conv stem
-    (8, 16, 16 channels) with exits after 1 and 2 convs, 7x7 patches: 3 x 3 x 3 x 3 settings."""
-    stem = dict(patch_size=4, stem="conv", stem_dims=(8, 16, 16), stem_strides=(1, 2, 2), stem_exits=(1, 2))
+    (8, 16, 16 channels) with exits after 0 (linear patch embedding), 1 and 2 convs, 7x7 patches: 4 x 3 x 3 x 3
+    settings."""
+    stem = dict(patch_size=4, stem="conv", stem_dims=(8, 16, 16), stem_strides=(1, 2, 2), stem_exits=(0, 1, 2))
     size = {**TEST_SIZE, **stem, "patch_dim": 16}
     return _build("adaperceiver_test_stages", size, pretrained, **kwargs)
 

@@ -43,10 +43,10 @@ def images() -> torch.Tensor:
 
 def test_grid_has_a_leading_stage_axis(model) -> None:
     grid = model.grid
-    assert grid.axes == ("stage", "tokens", "depth", "width") and grid.shape == (3, 3, 3, 3)
-    assert grid.smallest == Setting(2, 1, 8, 1) and grid.full == Setting(8, 3, 32, 3)
-    assert str(grid.full) == "s3/8/3/32" and grid.index((4, 2, 16, 2)) == (1, 1, 1, 1)
-    assert grid.to_json()["stages"] == [1, 2, 3]
+    assert grid.axes == ("stage", "tokens", "depth", "width") and grid.shape == (4, 3, 3, 3)
+    assert grid.smallest == Setting(2, 1, 8, 0) and grid.full == Setting(8, 3, 32, 3)
+    assert str(grid.full) == "s3/8/3/32" and grid.index((4, 2, 16, 2)) == (2, 1, 1, 1)
+    assert grid.to_json()["stages"] == [0, 1, 2, 3]
     # deeper stages cost more at every (tokens, depth, width); the stage axis is the cheapest way down
     assert (np.diff(grid.flops, axis=0) > 0).all()
     assert grid.flops[grid.smallest_index] == grid.flops.min()
@@ -64,20 +64,20 @@ def test_flops_match_the_counter_at_every_stage(name: str) -> None:
 
 def test_continuing_the_stem_equals_running_the_stage(model, images) -> None:
     with torch.no_grad():
-        first = model.embed(images, 1)
-        for stage in (2, 3):
+        first = model.embed(images, 0)
+        for stage in (1, 2, 3):
             direct, continued = model.embed(images, stage), model.continue_embed(first, stage)
             torch.testing.assert_close(continued.tokens, direct.tokens, atol=ATOL, rtol=0)
             torch.testing.assert_close(model(first, 4, 2, 16, stage), model(images, 4, 2, 16, stage), atol=ATOL, rtol=0)
-        with pytest.raises(ValueError, match="cannot continue a stage-3 memory to stage 1"):
-            model.continue_embed(model.embed(images, 3), 1)
+        with pytest.raises(ValueError, match="cannot continue a stage-3 memory to stage 0"):
+            model.continue_embed(model.embed(images, 3), 0)
 
 
 def test_per_sample_stages_equal_per_stage_runs(model, images) -> None:
-    stages = torch.tensor([1, 3, 2] * (len(images) // 3))
+    stages = torch.tensor([1, 3, 0, 2] * (len(images) // 4))
     with torch.no_grad():
         mixed = model.embed_per_sample(images, stages)
-        for stage in (1, 2, 3):
+        for stage in (0, 1, 2, 3):
             rows = stages == stage
             torch.testing.assert_close(mixed.tokens[rows], model.embed(images[rows], stage).tokens, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match=r"stages \[4\] are not input stages"):
@@ -97,7 +97,7 @@ def test_sweep_equals_single_setting_runs(model, images) -> None:
     labels = torch.randint(10, (len(images),))
     result = sweep(model, images, labels, batch_size=10)
     assert result.correct.shape == (len(images), *model.grid.shape)
-    for index in [(0, 0, 0, 0), (1, 2, 1, 2), (2, 1, 2, 1), (2, 2, 2, 2)]:
+    for index in [(0, 0, 0, 0), (1, 2, 1, 2), (2, 1, 2, 1), (3, 2, 2, 2), (3, 0, 1, 0)]:
         s = model.grid.setting(index)
         with torch.no_grad():
             pred = model(images, *s).argmax(-1)
@@ -138,7 +138,7 @@ def test_sandwich_step_trains_every_stage(square_images) -> None:
     x, y = data.as_float(), data.labels
     w = torch.tensor(m.cfg.widths)[torch.randint(3, (32,))].sort().values
     stages = sample_stages(m.cfg.stages, 32)
-    assert set(stages.tolist()) == {1, 2}
+    assert set(stages.tolist()) == {0, 1, 2}
     with torch.no_grad():
         deep = m.forward_all(x, width=w)
         expected = joint_loss(deep, y) + joint_loss(
@@ -149,7 +149,7 @@ def test_sandwich_step_trains_every_stage(square_images) -> None:
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.stem.exits.parameters())
 
     def stage_losses() -> list[float]:  # each stage on the images it is trained at (the deepest: all of them)
-        rows = [stages == 1, stages == 2, torch.ones(32, dtype=torch.bool)]
+        rows = [stages == 0, stages == 1, stages == 2, torch.ones(32, dtype=torch.bool)]
         with torch.no_grad():
             return [torch.nn.functional.cross_entropy(m(x[r], width=w[r], stage=s), y[r]).item()
                     for r, s in zip(rows, m.cfg.stages, strict=True)]  # fmt: skip
@@ -197,13 +197,13 @@ def test_environment_acts_on_four_axes(staged_run, model) -> None:
     table = OutcomeTable.build(model, data, "policy-train", progress=False)
     for mode in ("table", "live"):
         env = AdaPerceiverComputeEnv(backbone=model, split="policy-train", dataset=data, table=table, mode=mode)
-        assert env.action_space.nvec.tolist() == [3, 3, 3, 3]
+        assert env.action_space.nvec.tolist() == [4, 3, 3, 3]
         gym_check_env(env, skip_render_check=True)
         sb3_check_env(AdaPerceiverComputeEnv(backbone=model, split="policy-train", dataset=data, table=table,
                                              mode=mode), warn=True)  # fmt: skip
     table_env = AdaPerceiverComputeEnv(backbone=model, split="policy-train", dataset=data, table=table)
     live_env = AdaPerceiverComputeEnv(backbone=model, split="policy-train", dataset=data, table=table, mode="live")
-    for i, action in enumerate([(0, 0, 0, 0), (2, 1, 2, 1), (1, 2, 0, 2), (2, 2, 2, 2)]):
+    for i, action in enumerate([(0, 0, 0, 0), (2, 1, 2, 1), (1, 2, 0, 2), (3, 2, 2, 2)]):
         for env in (table_env, live_env):
             env.reset(options={"sample_index": i})
         a, b = (env.step(np.array(action)) for env in (table_env, live_env))
@@ -234,7 +234,7 @@ def test_every_stage_is_priced_and_run_for_real(staged_run, images) -> None:
     clf = AdaptiveClassifier.load(staged_run["run"])
     cfg = clf.backbone.cfg
     elementwise = cfg.num_patches * cfg.token_dim + 8 * cfg.token_dim + 6 * cfg.num_classes
-    for action in [(0, 0, 0, 0), (0, 0, 2, 0), (1, 1, 1, 1), (2, 2, 2, 2), (2, 0, 0, 0)]:
+    for action in [(0, 0, 0, 0), (0, 0, 2, 0), (1, 1, 1, 1), (2, 2, 2, 2), (3, 2, 2, 2), (3, 0, 0, 0)]:
         clf.choose = lambda memory, probe_logits=None, a=action: np.tile(a, (len(memory.tokens), 1))
         x = images[:1]
         with flop_counter() as counted:
