@@ -160,7 +160,7 @@ def official_config(raw: dict[str, Any], name: str = "adaperceiver_official") ->
             norm_eps=1e-6,
             head_norm=False,
             latent_mask=latent_mask,
-            token_granularities=tuple(g for g in grans if g < max_tokens) + (max_tokens,),
+            token_granularities=(*(g for g in grans if g < max_tokens), max_tokens),
             widths=tuple(widths),
             name=name,
         )
