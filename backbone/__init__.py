@@ -5,6 +5,7 @@ from backbone.config import AdaPerceiverConfig
 from backbone.factory import MODEL_NAMES, create_model
 from backbone.flops import flops_breakdown, measure_flops
 from backbone.model import AdaPerceiver, PatchMemory
+from backbone.official import load_official
 
 __all__ = [
     "DEFAULT_BACKBONE",
@@ -17,6 +18,7 @@ __all__ = [
     "file_sha256",
     "flops_breakdown",
     "load_backbone",
+    "load_official",
     "measure_flops",
     "save_backbone",
 ]

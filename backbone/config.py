@@ -23,6 +23,7 @@ class AdaPerceiverConfig:
     num_classes: int = 10  # classifier outputs
     mean: tuple[float, ...] = (0.2860,)  # per-channel normalisation mean, applied inside the model to [0, 1] input
     std: tuple[float, ...] = (0.3530,)  # per-channel normalisation std
+    resize_size: int = 0  # data pipelines: resize the shorter side to this, then center-crop img_size; 0 = no crop
     # --- input adapter -----------------------------------------------------------------------------------------
     patch_size: int = 4  # side of one patch; the patch grid is (img_size / patch_size)^2
     stem: Literal["patch", "conv"] = "conv"  # "patch": one conv k=s=patch; "conv": 3x3 convs + GELU, conv to patch
@@ -31,6 +32,7 @@ class AdaPerceiverConfig:
     stem_exits: tuple[int, ...] = ()  # input-side axis: after these many convs (< all; 0 = none) the stem can exit
     patch_context_kernel: int = 0  # odd k: add a depthwise k x k conv over the patch grid to the tokens; 0 = none
     patch_dim: int = 0  # width of the patch tokens the read attends over; 0 = embed_dim (narrower = cheaper read k/v)
+    embed_mlp: bool = False  # LayerNorm + full-width GELU MLP (not residual) on the tokens after the position embedding
     # --- latent transformer ------------------------------------------------------------------------------------
     embed_dim: int = 128  # D: width of latents and the residual stream (and of patches unless patch_dim)
     num_heads: int = 4  # attention heads (head dim = D / heads, must be even for RoPE)
@@ -40,6 +42,10 @@ class AdaPerceiverConfig:
     ls_init_values: float = 1e-5  # LayerScale init (small, so a fresh block is near-identity)
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over blocks
     rope_theta: float = 100.0  # RoPE base; small because latent indices only go up to max(token_granularities)
+    rope_fp32: bool = False  # RoPE angles computed in float32 (the release's tables) instead of float64 then rounded
+    norm_eps: float = 1e-5  # eps of every LayerNorm (torch's default; the release uses timm's 1e-6)
+    head_norm: bool = True  # LayerNorm before the linear classifier (the release has none)
+    latent_mask: Literal["block", "none"] = "block"  # block-causal latent attention, or none (granularities not nested)
     # --- adaptivity grid ---------------------------------------------------------------------------------------
     token_granularities: tuple[int, ...] = (4, 8, 16, 32)  # nested latent counts g_1 < ... < g_K = N_max
     widths: tuple[int, ...] = (32, 64, 128)  # Matryoshka FFN widths w_1 < ... < w_M = D ("mat_dims")
@@ -89,6 +95,12 @@ class AdaPerceiverConfig:
             raise ValueError(f"mean/std need {self.in_chans} values (one per channel), got {self.mean}/{self.std}")
         if self.depth < 1:
             raise ValueError(f"depth must be >= 1, got {self.depth}")
+        if self.latent_mask not in ("block", "none"):
+            raise ValueError(f"latent_mask must be 'block' or 'none', got {self.latent_mask!r}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        if self.resize_size and self.resize_size < self.img_size:
+            raise ValueError(f"resize_size={self.resize_size} must be 0 or >= img_size={self.img_size}")
 
     # --- derived quantities ------------------------------------------------------------------------------------
     @property
@@ -124,6 +136,11 @@ class AdaPerceiverConfig:
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
+
+    @property
+    def embed_mlp_hidden(self) -> int:
+        """Hidden units of the input adapter's MLP (``embed_mlp``): always the full ``int(token_dim * ffn_ratio)``."""
+        return int(self.token_dim * self.ffn_ratio) if self.embed_mlp else 0
 
     def hidden_dim(self, width: int) -> int:
         """MLP hidden units used at FFN width ``width`` (DESIGN §2, Matryoshka FFN)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.models import register_model
 
 from backbone.config import AdaPerceiverConfig
@@ -94,26 +94,35 @@ def adaperceiver_fmnist_stages(pretrained: bool = False, **kwargs: Any) -> AdaPe
     linear patch embedding) or after its first or second one (average pooling to the 7x7 grid + 1x1 conv to the
     tokens), and the grid reaches down to 2 latents and FFN width 16: 4 x 5 x 8 x 4 = 640 settings from 2.5 to
     115.8 MFLOPs (docs/results, adapter-stage pilots and runs)."""
-    size = {**FMNIST_SIZE, "stem_exits": (0, 1, 2), "token_granularities": (2, 4, 8, 16, 32), "widths": (16, 32, 64, 128)}
+    grid = {"token_granularities": (2, 4, 8, 16, 32), "widths": (16, 32, 64, 128)}
+    size = {**FMNIST_SIZE, "stem_exits": (0, 1, 2), **grid}
     return _build("adaperceiver_fmnist_stages", size, pretrained, **kwargs)
 
 
 @_named_size
 def adaperceiver_in1k(pretrained: bool = False, **kwargs: Any) -> AdaPerceiver:
-    """Shape of the released ImageNet-1K model (DESIGN §2): built, not trained here."""
+    """Shape of the released ImageNet-1K model (DESIGN §2, issue 19), built, not trained here: CLIP mean/std after
+    Resize(256) + CenterCrop(224), the LayerNorm + MLP input adapter, eps 1e-6, no norm before the head, float32
+    RoPE tables. The public configs disagree on the patch size (16 supervised, 14 distilled): this size says 16;
+    ``backbone.load_official`` takes it, and everything else, from the release's ``config.json``."""
     size = dict(
         img_size=224,
         in_chans=3,
         num_classes=1000,
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
+        mean=OPENAI_CLIP_MEAN,
+        std=OPENAI_CLIP_STD,
+        resize_size=256,
         patch_size=16,
         stem="patch",
+        embed_mlp=True,
         embed_dim=832,
         num_heads=13,
         depth=21,
         ffn_ratio=2.57,
         rope_theta=10000.0,
+        rope_fp32=True,
+        norm_eps=1e-6,
+        head_norm=False,
         ls_init_values=1e-6,
         token_granularities=(32, 64, 96, 128, 192, 256),
         widths=(416, 624, 832),

@@ -37,7 +37,7 @@ def stem_conv_flops(cfg: AdaPerceiverConfig, convs: int) -> int:
 
 def embed_flops(cfg: AdaPerceiverConfig, stage: int | None = None) -> int:
     """FLOPs per image of the input adapter at ``stage`` (stem convs run; None = all): convs, projection to the
-    patch tokens (an early exit's 1x1 after pooling, or the full projection), patch context."""
+    patch tokens (an early exit's 1x1 after pooling, or the full projection), patch context, adapter MLP."""
     p, t = cfg.num_patches, cfg.token_dim
     if cfg.stem == "conv":
         stage = cfg.stages[-1] if stage is None else stage
@@ -51,7 +51,8 @@ def embed_flops(cfg: AdaPerceiverConfig, stage: int | None = None) -> int:
             embed += 2 * p * cfg.stem_dims[stage - 1] * t
     else:
         embed = 2 * p * cfg.in_chans * cfg.patch_size**2 * t
-    return embed + 2 * p * t * cfg.patch_context_kernel**2  # depthwise conv over the patch grid (0 when off)
+    embed += 2 * p * t * cfg.patch_context_kernel**2  # depthwise conv over the patch grid (0 when off)
+    return embed + 4 * p * t * cfg.embed_mlp_hidden  # full-width MLP after the position embedding (0 when off)
 
 
 def flops_breakdown(

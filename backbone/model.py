@@ -2,11 +2,14 @@
 
 Data flow for one setting ``(g, d, w)``::
 
-    image -> normalise -> stem (+ patch context) + pos-embed -> patches (width patch_dim) --(k, v)--+
+    image -> normalise -> stem (+ patch context) + pos-embed (-> LN + MLP) -> patches -------(k, v)--+
                                                                                                     v
     learned latent x g (RoPE on the query side) --------------------------------------------------> read cross-attn
     -> d blocks (block-causal self-attn, Matryoshka MLP at width w)
     -> write: one learned output query cross-attends to the g latents (RoPE on keys) -> LN -> linear head
+
+The options the released checkpoints need (``embed_mlp``, ``norm_eps``, ``head_norm=False``, ``rope_fp32``,
+``latent_mask="none"``) are off by default, and off they add no parameter: older checkpoints load unchanged.
 
 Patches never enter the block stack. The patch keys/values of the read are the same for every setting, so
 :meth:`AdaPerceiver.embed` computes them once (:class:`PatchMemory`) and any number of settings can be run from
@@ -18,6 +21,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -26,7 +30,15 @@ from torch import nn
 
 from backbone.config import AdaPerceiverConfig
 from backbone.flops import flops_breakdown
-from backbone.layers import Block, ConvStem, CrossAttention, PatchContext, RotaryEmbedding1d, block_causal_mask
+from backbone.layers import (
+    Block,
+    ConvStem,
+    CrossAttention,
+    EmbedMlp,
+    PatchContext,
+    RotaryEmbedding1d,
+    block_causal_mask,
+)
 from backbone.settings import SettingsGrid
 
 Width = int | Sequence[int] | torch.Tensor | None
@@ -60,6 +72,7 @@ class AdaPerceiver(nn.Module):
         self.cfg = cfg
         self.grid = SettingsGrid.from_config(cfg)  # every (tokens, depth, width) and its FLOPs
         d, t = cfg.embed_dim, cfg.token_dim
+        norm = partial(nn.LayerNorm, eps=cfg.norm_eps)
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
         if cfg.stem == "conv":
@@ -71,16 +84,19 @@ class AdaPerceiver(nn.Module):
         k = cfg.patch_context_kernel
         self.patch_context = PatchContext(t, cfg.img_size // cfg.patch_size, k) if k else nn.Identity()
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, t))
+        if cfg.embed_mlp:  # only registered when on, so checkpoints without it keep their keys
+            self.embed_mlp = EmbedMlp(t, cfg.embed_mlp_hidden, norm)
         self.latent = nn.Parameter(torch.zeros(1, 1, d))  # one learned vector, repeated g times
-        self.rope = RotaryEmbedding1d(cfg.head_dim, cfg.max_tokens, cfg.rope_theta)
-        self.read = CrossAttention(d, cfg.num_heads, rope_side="q", qkv_bias=cfg.qkv_bias, kv_dim=t)
+        self.rope = RotaryEmbedding1d(cfg.head_dim, cfg.max_tokens, cfg.rope_theta, fp32=cfg.rope_fp32)
+        self.read = CrossAttention(d, cfg.num_heads, rope_side="q", qkv_bias=cfg.qkv_bias, kv_dim=t, norm_layer=norm)
         dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(d, cfg.num_heads, cfg.ffn_ratio, cfg.qkv_bias, cfg.ls_init_values, dpr[i]) for i in range(cfg.depth)
+            Block(d, cfg.num_heads, cfg.ffn_ratio, cfg.qkv_bias, cfg.ls_init_values, dpr[i], norm)
+            for i in range(cfg.depth)
         )
         self.out_query = nn.Parameter(torch.zeros(1, 1, d))
-        self.write = CrossAttention(d, cfg.num_heads, rope_side="k", qkv_bias=cfg.qkv_bias)
-        self.head_norm = nn.LayerNorm(d)
+        self.write = CrossAttention(d, cfg.num_heads, rope_side="k", qkv_bias=cfg.qkv_bias, norm_layer=norm)
+        self.head_norm = norm(d) if cfg.head_norm else nn.Identity()
         self.head = nn.Linear(d, cfg.num_classes)
         self.register_buffer("attn_mask", block_causal_mask(cfg.token_granularities), persistent=False)
         # write-out masks for forward_all: row k lets the output query see latents [0, g_k)
@@ -216,6 +232,8 @@ class AdaPerceiver(nn.Module):
 
     def _memory(self, tokens: torch.Tensor, features: torch.Tensor | None, stage: int | None) -> PatchMemory:
         tokens = self.patch_context(tokens) + self.pos_embed
+        if self.cfg.embed_mlp:
+            tokens = self.embed_mlp(tokens)
         k, v = self.read.project_kv(tokens)
         return PatchMemory(tokens, k, v, features, stage)
 
@@ -285,8 +303,11 @@ class AdaPerceiver(nn.Module):
         return self.forward_blocks(latents, index, index + 1, widths.tolist())
 
     def _latent_mask(self, g: int) -> torch.Tensor | None:
-        """Block-causal mask over ``g`` latents; with one granularity in play every latent sees all g others."""
-        return None if g == self.cfg.token_granularities[0] else self.attn_mask[:g, :g]
+        """Block-causal mask over ``g`` latents; with one granularity in play (or ``latent_mask="none"``) every latent
+        sees all g others."""
+        if self.cfg.latent_mask == "none" or g == self.cfg.token_granularities[0]:
+            return None
+        return self.attn_mask[:g, :g]
 
     def forward_head(self, latents: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, classes)`` from latents ``(B, g, D)``: the write cross-attention, norm and linear head."""
@@ -308,17 +329,29 @@ class AdaPerceiver(nn.Module):
 
         Runs ``N_max`` latents with the block-causal mask; after each block the output query is written out
         once per granularity ``g_k`` with the latents ``>= g_k`` masked away. That equals running the model
-        at ``(g_k, depth)`` because the first ``g_k`` latents never depend on later ones.
+        at ``(g_k, depth)`` because the first ``g_k`` latents never depend on later ones. With
+        ``latent_mask="none"`` they do, so each granularity gets its own pass.
         """
         _, _, w = self.resolve_setting(None, None, width)
         memory = self._as_memory(x, stage)
         hidden = self._hidden(w, memory.k.shape[0])
+        if self.cfg.latent_mask == "none":
+            return torch.stack([self._forward_all_depths(memory, g, hidden) for g in self.cfg.token_granularities], 1)
         latents = self.read_latents(memory, self.cfg.max_tokens)
         outs = []
         for block in self.blocks:
             latents = block(latents, self.rope, self.attn_mask, hidden)
             outs.append(self._write(latents, self.write_masks))
         return torch.stack(outs, dim=2)
+
+    def _forward_all_depths(self, memory: PatchMemory, g: int, hidden: int | torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, L, classes)`` after every block at ``g`` latents (unmasked: a pass of its own)."""
+        latents = self.read_latents(memory, g)
+        outs = []
+        for block in self.blocks:
+            latents = block(latents, self.rope, None, hidden)
+            outs.append(self._write(latents)[:, 0])
+        return torch.stack(outs, dim=1)
 
     # --- compute -----------------------------------------------------------------------------------------------
     def flops(

@@ -2,6 +2,7 @@
 
 from backbone.layers.attention import CrossAttention, SelfAttention
 from backbone.layers.block import Block
+from backbone.layers.embed_mlp import EmbedMlp
 from backbone.layers.masks import block_causal_mask
 from backbone.layers.mlp import MatryoshkaMlp
 from backbone.layers.patch_context import PatchContext
@@ -12,6 +13,7 @@ __all__ = [
     "Block",
     "ConvStem",
     "CrossAttention",
+    "EmbedMlp",
     "MatryoshkaMlp",
     "PatchContext",
     "RotaryEmbedding1d",

@@ -10,6 +10,7 @@ Both use ``F.scaled_dot_product_attention``; the FLOPs of its CPU kernel are reg
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -64,12 +65,13 @@ class CrossAttention(nn.Module):
         rope_side: Literal["q", "k"] | None,
         qkv_bias: bool = True,
         kv_dim: int | None = None,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.rope_side = rope_side
-        self.norm_q = nn.LayerNorm(dim)
-        self.norm_kv = nn.LayerNorm(kv_dim or dim)  # the source may be narrower (patch tokens, ``patch_dim``)
+        self.norm_q = norm_layer(dim)
+        self.norm_kv = norm_layer(kv_dim or dim)  # the source may be narrower (patch tokens, ``patch_dim``)
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(kv_dim or dim, 2 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)

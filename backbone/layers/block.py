@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from timm.layers import DropPath, LayerScale
 from torch import nn
@@ -22,12 +24,13 @@ class Block(nn.Module):
         qkv_bias: bool = True,
         init_values: float = 1e-5,
         drop_path: float = 0.0,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = norm_layer(dim)
         self.attn = SelfAttention(dim, num_heads, qkv_bias=qkv_bias)
         self.ls1 = LayerScale(dim, init_values=init_values)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = norm_layer(dim)
         self.mlp = MatryoshkaMlp(dim, int(dim * ffn_ratio))
         self.ls2 = LayerScale(dim, init_values=init_values)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

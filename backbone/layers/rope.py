@@ -12,14 +12,24 @@ from torch import nn
 
 
 class RotaryEmbedding1d(nn.Module):
-    """Precomputed cos/sin tables for positions ``0..max_len-1`` (rotate-half convention)."""
+    """Precomputed cos/sin tables for positions ``0..max_len-1`` (rotate-half convention).
 
-    def __init__(self, head_dim: int, max_len: int, theta: float = 100.0) -> None:
+    ``fp32=True`` computes the angles the way the released model does (LLaMA's ``precompute_freqs_cis``: float32
+    frequencies, float32 products), which differ from the float64 angles by up to ~1e-5 rad at position 256.
+    Its interleaved-pairs layout is the rotate-half layout after permuting each head's q/k rows
+    (``backbone.official``), so no second rotation is needed here.
+    """
+
+    def __init__(self, head_dim: int, max_len: int, theta: float = 100.0, fp32: bool = False) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
-        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (max_len, head_dim/2)
+        if fp32:
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+            angles = torch.outer(torch.arange(max_len).float(), inv_freq)
+        else:
+            inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+            angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (max_len, head_dim/2)
         # full-width tables so that a rotation is x * cos + swap_halves(x) * signed_sin (fewer small ops than
         # splitting into halves); bit-identical to (x1 cos - x2 sin, x1 sin + x2 cos)
         cos, sin = angles.cos().float(), angles.sin().float()
