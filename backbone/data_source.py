@@ -105,8 +105,10 @@ class ImageFolderTask(DataSource):
             path = self.root / name
             if not path.is_dir():
                 have = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-                raise DataError(f"{self.root} has no {name}/ folder (it has {have or 'no folders'}); expected "
-                                f"ROOT/{TRAIN_FOLDER}/, ROOT/{TEST_FOLDER}/ and optionally ROOT/{POLICY_FOLDER}/")  # fmt: skip
+                raise DataError(
+                    f"{self.root} has no {name}/ folder (it has {have or 'no folders'}); expected "
+                    f"ROOT/{TRAIN_FOLDER}/, ROOT/{TEST_FOLDER}/ and optionally ROOT/{POLICY_FOLDER}/"
+                )
             split = FolderSplit.open(path, name=f"{self.name}/{name}")
             self._open[name] = split
         return self._open[name]
@@ -145,8 +147,12 @@ class ImageFolderTask(DataSource):
         else:
             held = stratified_holdout(train.samples, policy_fraction)
             held_set = set(held)
-            record["policy_split"] = {"holdout_of": TRAIN_FOLDER, "fraction": policy_fraction, "rule": RULE,
-                                      "files": held}  # fmt: skip
+            record["policy_split"] = {
+                "holdout_of": TRAIN_FOLDER,
+                "fraction": policy_fraction,
+                "rule": RULE,
+                "files": held,
+            }
             part = train.restricted(lambda r: r not in held_set, f"{self.name}/backbone-train")
         return part.preprocessed_for(model.cfg), record
 
@@ -173,8 +179,11 @@ class ImageFolderTask(DataSource):
                 self._check_disjoint(part, record)
         else:
             if not isinstance(holdout, dict):
-                why = ("its checkpoint records no hold-out of train/" if not record else
-                       "it trained on all of train/ (the data had a policy-train/ folder then)")  # fmt: skip
+                why = (
+                    "its checkpoint records no hold-out of train/"
+                    if not record
+                    else "it trained on all of train/ (the data had a policy-train/ folder then)"
+                )
                 raise DataError(
                     f"no policy split for backbone {_backbone_name(model)} in {self.root}: {why}; add "
                     f"{self.root / POLICY_FOLDER}/ with images the backbone never saw"
@@ -183,8 +192,10 @@ class ImageFolderTask(DataSource):
             held = set(holdout["files"])
             missing = sorted(held - {r for r, _ in train.samples})
             if missing:
-                raise DataError(f"{len(missing)} held-out file(s) recorded in the backbone are missing from "
-                                f"{train.folder} (e.g. {missing[0]}); the data changed since the backbone trained")  # fmt: skip
+                raise DataError(
+                    f"{len(missing)} held-out file(s) recorded in the backbone are missing from "
+                    f"{train.folder} (e.g. {missing[0]}); the data changed since the backbone trained"
+                )
             part = train.restricted(held.__contains__, f"{self.name}/policy-train")
         return part.preprocessed_for(model.cfg)
 

@@ -31,8 +31,11 @@ def preprocessing(cfg: AdaPerceiverConfig) -> Callable[[Image.Image], torch.Tens
     if cfg.in_chans not in (1, 3):
         raise DataError(f"image folders need a backbone with 1 or 3 input channels, not {cfg.in_chans}")
     mode, size = ("L" if cfg.in_chans == 1 else "RGB"), cfg.img_size
-    resize = [transforms.Resize(cfg.resize_size), transforms.CenterCrop(size)] if cfg.resize_size else [
-        transforms.Resize((size, size))]  # fmt: skip
+    resize = (
+        [transforms.Resize(cfg.resize_size), transforms.CenterCrop(size)]
+        if cfg.resize_size
+        else [transforms.Resize((size, size))]
+    )
     pipeline = transforms.Compose([*resize, transforms.PILToTensor()])
     return lambda img: pipeline(img.convert(mode))
 
@@ -119,7 +122,9 @@ class FolderSplit(Dataset):
                 bar.update(len(labels))
                 yield images, labels, list(hashes)
 
-    def read_all(self, batch_size: int = 256, workers: int = 0, progress: bool = True) -> tuple[ImageDataset, list[str]]:
+    def read_all(
+        self, batch_size: int = 256, workers: int = 0, progress: bool = True
+    ) -> tuple[ImageDataset, list[str]]:
         """All images in memory as an :class:`ImageDataset`, and the sha256[:16] of every file's bytes."""
         images, labels, hashes = [], [], []
         for x, y, h in self.batches(batch_size, workers, progress):
@@ -130,8 +135,10 @@ class FolderSplit(Dataset):
 
     def file_hashes(self, progress: bool = True) -> list[str]:
         """sha256[:16] of every file's bytes, without decoding (to compare splits for shared images)."""
-        return [hashlib.sha256(self.path(i).read_bytes()).hexdigest()[:16]
-                for i in tqdm(range(len(self)), desc=f"hashing {self.name}", unit="img", disable=not progress)]  # fmt: skip
+        return [
+            hashlib.sha256(self.path(i).read_bytes()).hexdigest()[:16]
+            for i in tqdm(range(len(self)), desc=f"hashing {self.name}", unit="img", disable=not progress)
+        ]
 
     def fingerprint(self) -> str:
         """sha256 of (relative path, class, size, mtime) of every file: names the split's content in table caches."""
