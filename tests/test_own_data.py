@@ -204,7 +204,8 @@ def test_holdout_is_deterministic_and_stratified() -> None:
     random.Random(0).shuffle(shuffled)
     assert stratified_holdout(shuffled, 0.2) == held  # listing order does not matter
     assert [sum(f.startswith(c) for f in held) for c in "xyz"] == [2, 4, 6]  # 20% of each class
-    assert held != sorted(r for r, _ in samples)[:2]  # not simply the first files by name
+    first_by_name = sorted(f"{c}/{i:03d}.png" for k, c in enumerate("xyz") for i in range(2 * (k + 1)))
+    assert held != first_by_name  # mixed by hash, not the first files of each class by name
     assert set(stratified_holdout(samples, 0.1)) < set(held)  # a smaller fraction holds out a subset
 
 
