@@ -79,6 +79,10 @@ def pipeline(tmp_path_factory) -> dict:
         "ablation": ("-m", "policy.ablation", "--data", str(root), "--backbone", str(work / "bb/backbone.safetensors"),
                      "--penalties", "0.3", "--policies", str(work / "p0.3"), "--workers", "0",
                      "--runs-dir", str(work / "abl"), "--out", str(work / "report")),
+        "evaluate": ("-m", "backbone.evaluate", "--checkpoint", str(work / "bb/backbone.safetensors"), "--data",
+                     str(root), "--split", "policy-train", "--workers", "0", "--out", str(work / "eval")),
+        "benchmark": ("-m", "policy.benchmark", "--policy", str(work / "p0.3"), "--limit", "12", "--limit-batch1", "4",
+                      "--repeats", "1", "--workers", "0", "--json", str(work / "bench.json")),
         "infer": ("-m", "policy.infer", "--policy", str(work / "p0.3"), str(root / "test"), "--json",
                   str(work / "infer.json")),
     }  # fmt: skip
@@ -121,7 +125,11 @@ def test_every_command_runs_on_the_image_folder(pipeline) -> None:
     assert right >= 12, rows  # class names come from the backbone, and the predictions match the folders
     # the tables were built once (by envs.build_tables) and reused by train_policy.py and the ablation
     assert "outcome table" not in runs["policy"].stderr and "outcome table" not in runs["ablation"].stderr
-    print(f"own-data pipeline: {pipeline['wall_s']:.1f} s for 5 commands")
+    # backbone.evaluate and policy.benchmark read the same data (the benchmark takes it from the run's policy.json)
+    evaluated = json.loads((work / "eval/eval_policy-train.json").read_text())
+    assert evaluated["samples"] == 6 and evaluated["data"] == str(pipeline["root"])
+    assert json.loads((work / "bench.json").read_text())["rows"][0]["images"] == 12
+    print(f"own-data pipeline: {pipeline['wall_s']:.1f} s for 7 commands")
     assert pipeline["wall_s"] < 120
 
 
