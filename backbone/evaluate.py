@@ -116,7 +116,8 @@ def default_out(checkpoint: str | Path, sha256: str) -> Path:
 
 @exits_cleanly_on_ctrl_c
 def main(argv: list[str] | None = None) -> int:
-    from backbone.data import load_split
+    from backbone.data import DataError
+    from backbone.data_source import resolve_data
 
     parser = argparse.ArgumentParser(
         prog="python -m backbone.evaluate",
@@ -125,7 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--checkpoint", default=str(DEFAULT_BACKBONE), help="backbone .safetensors file")
     parser.add_argument("--split", default="test", help="backbone-train | policy-train | test")
+    parser.add_argument(
+        "--data",
+        help="fmnist (default) or an image-folder root ROOT/<split>/<class>/<image> (the split read with the "
+        "backbone's preprocessing; policy-train = ROOT/policy-train/ or the hold-out recorded in the backbone)",
+    )
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: $ADAPERCEIVER_DATA_DIR or Debian's path)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers reading an image folder")
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first N images only (0 = all)")
     parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
     parser.add_argument("--compare", help="eval_<split>.json of another backbone whose front is drawn on the same axes")
@@ -138,18 +145,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         compare = read_report(args.compare) if args.compare else None
         model = load_backbone(args.checkpoint)
-        data = load_split(args.split, args.data_dir)
-        if args.limit:
-            data = data.subset(args.limit)
+        source = resolve_data(args.data, args.data_dir)
+        source.check_backbone(model)
+        if source.builtin:
+            data = source.dataset(args.split)
+            if args.limit:
+                data = data.subset(args.limit)
+        else:
+            folder = source.split(args.split, model)
+            data = (folder.subset(args.limit) if args.limit else folder).read_all(workers=args.workers)[0]
         t0 = time.perf_counter()
         acc = accuracy_grid(model, data.as_float(), data.labels, batch_size=args.batch_size, progress=True)
         rows = model.grid.table(acc)
-    except (ValueError, FileNotFoundError) as e:  # JSONDecodeError is a ValueError
+    except (ValueError, FileNotFoundError, DataError) as e:  # JSONDecodeError and DataError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = {
         "checkpoint": display_path(args.checkpoint),
         "sha256": model.checkpoint_sha256,
+        **({} if source.builtin else {"data": source.spec}),
         "split": args.split,
         "samples": len(data),
         "eval_wall_s": round(time.perf_counter() - t0, 1),

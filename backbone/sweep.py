@@ -38,7 +38,7 @@ def sweep(
     """Run every setting (for each width in ``widths``, default all) over ``images`` in [0, 1].
 
     Per batch: the stem runs once, each deeper input stage continuing from the last; per stage and width one
-    ``forward_all`` gives every (granularity, depth).
+    ``forward_all`` gives every (granularity, depth). Batches go to the model's device; results come back as numpy.
     """
     if len(images) == 0:
         raise ValueError("no images to evaluate")
@@ -47,6 +47,7 @@ def sweep(
     was_training = model.training
     model.eval()
     grid = model.grid
+    device = next(model.parameters()).device
     widths = list(grid.widths if widths is None else widths)
     stages = grid.stages or (None,)
     k, depth = len(grid.tokens), len(grid.depths)
@@ -57,7 +58,7 @@ def sweep(
     bar = tqdm(total=len(starts) * len(stages) * len(widths), desc="settings sweep", unit="pass", disable=not progress)
     try:
         for s in starts:
-            x, y = images[s : s + batch_size], labels[s : s + batch_size]
+            x, y = images[s : s + batch_size].to(device), labels[s : s + batch_size].to(device)
             memory = None
             for i, stage in enumerate(stages):
                 memory = model.embed(x, stage) if memory is None else model.continue_embed(memory, stage)
@@ -68,10 +69,10 @@ def sweep(
                     ce = F.cross_entropy(logits.permute(0, 3, 1, 2), y[:, None, None].expand(-1, k, depth),
                                          reduction="none")  # fmt: skip
                     at = (*rows, Ellipsis, m)
-                    correct[at] = (p == y[:, None, None]).numpy()
-                    loss[at] = ce.numpy()
-                    pred[at] = p.numpy()
-                    confidence[at] = logits.softmax(-1).amax(-1).numpy()
+                    correct[at] = (p == y[:, None, None]).cpu().numpy()
+                    loss[at] = ce.cpu().numpy()
+                    pred[at] = p.cpu().numpy()
+                    confidence[at] = logits.softmax(-1).amax(-1).cpu().numpy()
                     bar.update()
     finally:
         bar.close()

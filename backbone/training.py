@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from backbone.checkpoint import save_backbone
 from backbone.config import AdaPerceiverConfig
 from backbone.data import ImageDataset, load_image_folder, load_split
+from backbone.data_source import resolve_data
 from backbone.factory import create_model
 from backbone.fileio import atomic_write
 from backbone.model import AdaPerceiver
@@ -45,7 +47,12 @@ class TrainConfig:
     model: str = "adaperceiver_fmnist"  # named size (backbone.MODEL_NAMES)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # AdaPerceiverConfig fields to change
     split: str = "backbone-train"  # training split (train[:50000]); the policy split is never trained on
-    image_folder: str | None = None  # train on a root/<class>/<image> tree instead of `split` (your own data)
+    image_folder: str | None = None  # train on a flat root/<class>/<image> tree instead of `split` (no recipe below)
+    data: str | None = None  # task: None/fmnist (Fashion-MNIST `split`) or an image-folder root ROOT/<split>/<class>/
+    policy_fraction: float = 0.1  # image folder without policy-train/: share of each class of train/ held out for it
+    min_steps: int = 1500  # image folder: at least this many optimiser steps (more epochs on small data)
+    small_data: int = 20000  # image folder: random shift + flip when train/ has fewer images than this (0 = never)
+    workers: int = 2  # image folder: DataLoader worker processes decoding images
     epochs: int = 12  # passes over the split
     batch_size: int = 256  # images per step
     lr: float = 2e-3  # peak AdamW learning rate, reached after warm-up
@@ -120,6 +127,10 @@ _SCHEDULE_KEYS = (
     "model_overrides",
     "split",
     "image_folder",
+    "data",
+    "policy_fraction",
+    "min_steps",
+    "small_data",
     "epochs",
     "batch_size",
     "lr",
@@ -162,9 +173,14 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
     out = Path(cfg.out) if cfg.out else (state_path.parent if state_path else Path("runs") / cfg.run_name())
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **cfg.model_overrides)
+    source = resolve_data(cfg.data, cfg.data_dir)
+    folder_task = not source.builtin and data is None
     # the held-out monitor scores Fashion-MNIST's policy split: only meaningful when training on its backbone split
-    monitored = data is None and cfg.image_folder is None and cfg.split == "backbone-train"
-    if data is None:
+    monitored = data is None and cfg.image_folder is None and cfg.split == "backbone-train" and source.builtin
+    data_record = None
+    if folder_task:
+        data, data_record = _load_folder_task(cfg, model, source)
+    elif data is None:
         data = _load_training_data(cfg, model)
     if cfg.limit_train:
         data = data.subset(cfg.limit_train)
@@ -172,7 +188,14 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the {n} training images")
-    total_steps = steps_per_epoch * cfg.epochs
+    epochs, augment = cfg.epochs, cfg.augment
+    if folder_task:  # the small-data recipe: enough optimiser steps, and augmentation on small sets
+        epochs = max(epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+        augment = augment or n < cfg.small_data
+        print(f"{source.root}: {n} training images, {epochs} epochs of {steps_per_epoch} steps"
+              f"{', augmented' if augment else ''} (min_steps={cfg.min_steps}, small_data={cfg.small_data})",
+              file=sys.stderr)  # fmt: skip
+    total_steps = steps_per_epoch * epochs
 
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = CosineLRScheduler(
@@ -212,7 +235,7 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
                 idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
                 torch.manual_seed(_step_seed(cfg.seed, step))  # all randomness of this step
                 x = images[idx]
-                x = (random_shift_flip(x) if cfg.augment else x).float() / 255.0
+                x = (random_shift_flip(x) if augment else x).float() / 255.0
                 w = sample_widths(widths, len(idx))
                 stages = sample_stages(model.cfg.stages, len(idx))
                 scheduler.step_update(num_updates=step)
@@ -256,6 +279,7 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         "train_wall_s": round(elapsed, 1),
         "precision": "bf16" if use_bf16 else "fp32",
         "classes": data.classes,
+        **({"data": data_record, "epochs": epochs, "augment": augment} if data_record else {}),
         "torch": torch.__version__,
         "command": " ".join(["python -m backbone.train", *sys.argv[1:]]),
     }
@@ -287,6 +311,14 @@ def _load_training_data(cfg: TrainConfig, model: AdaPerceiver) -> ImageDataset:
             f"add model_overrides.num_classes={len(data.classes)}"
         )
     return data
+
+
+def _load_folder_task(cfg: TrainConfig, model: AdaPerceiver, source) -> tuple[ImageDataset, dict[str, Any]]:
+    """``train/`` less the policy hold-out, read at the model's preprocessing, and the checkpoint's data record
+    (classes, hold-out files, sha256[:16] of every training image for the policy side's overlap check)."""
+    part, record = source.backbone_train(model, cfg.policy_fraction)
+    data, hashes = part.read_all(workers=cfg.workers)
+    return data, {**record, "train_images": len(hashes), "train_sha256": hashes}
 
 
 def sample_widths(widths: torch.Tensor, n: int) -> torch.Tensor:
@@ -376,8 +408,8 @@ def _load_state(path: Path, model, optimizer, cfg: TrainConfig) -> tuple[int, fl
         saved_model = None
     if saved_model != model.cfg:
         raise ValueError(f"{path} was saved for a different model config; cannot resume with this one")
-    saved, now = state.get("train_config", {}), dataclasses.asdict(cfg)
-    changed = sorted(k for k in _SCHEDULE_KEYS if saved.get(k) != now.get(k))
+    saved, now, defaults = state.get("train_config", {}), dataclasses.asdict(cfg), dataclasses.asdict(TrainConfig())
+    changed = sorted(k for k in _SCHEDULE_KEYS if saved.get(k, defaults[k]) != now.get(k))
     if changed:
         raise ValueError(
             f"{path} was trained with different {changed}: {[saved.get(k) for k in changed]}; "

@@ -16,6 +16,8 @@ from gymnasium import spaces
 
 from backbone.checkpoint import DEFAULT_BACKBONE, CheckpointError, load_backbone
 from backbone.data import SPLITS, ImageDataset, load_split
+from backbone.data_source import resolve_data
+from backbone.folder_split import FolderSplit
 from backbone.model import AdaPerceiver
 from backbone.settings import Setting
 from envs.observations import DEFAULT_OBSERVATION, OBSERVATIONS, get_observation, observe_embed
@@ -118,6 +120,10 @@ class AdaPerceiverComputeEnv(gym.Env[np.ndarray, np.ndarray]):
     * ``reward``: ``"correct"`` (default) or ``"neg_ce"``.
     * ``mode``: ``"table"`` (default) or ``"live"``.
     * ``observation``: Observation spec name, ``"pooled_probe"`` (default), ``"pooled"`` or ``"probe"``.
+    * ``data``: The task: ``None`` or ``"fmnist"`` (Fashion-MNIST), or an image-folder root
+      ``ROOT/<split>/<class>/<image>`` (``backbone.data_source``): ``split`` is then read from it with the backbone's
+      preprocessing (``policy-train``: ``ROOT/policy-train/`` or the hold-out of ``ROOT/train/`` recorded in the
+      backbone). A backbone whose class names or count differ from the data's is refused.
     * ``data_dir``: Fashion-MNIST folder (default ``$ADAPERCEIVER_DATA_DIR`` or Debian's path).
     * ``table``: A prebuilt outcome table to share between vectorised copies; must match backbone/split/observation.
     * ``cache_dir``: Root of the outcome-table cache (default ``$ADAPERCEIVER_CACHE_DIR`` or
@@ -141,6 +147,7 @@ class AdaPerceiverComputeEnv(gym.Env[np.ndarray, np.ndarray]):
         cache_dir: str | os.PathLike | None = None,
         dataset: ImageDataset | None = None,
         render_mode: str | None = None,
+        data: str | os.PathLike | None = None,
     ) -> None:
         # --- cheap argument checks first (before any file is read) ------------------------------------------------
         if isinstance(flops_penalty, bool) or not isinstance(flops_penalty, (int, float, np.integer, np.floating)):
@@ -166,13 +173,20 @@ class AdaPerceiverComputeEnv(gym.Env[np.ndarray, np.ndarray]):
             raise ValueError(f"table must be an OutcomeTable, got {type(table).__name__}")
 
         self.model = resolve_backbone(backbone)
+        source = resolve_data(data, data_dir) if dataset is None and data is not None else None
+        if source is not None:
+            source.check_backbone(self.model)
+            if not source.builtin and (mode == "live" or table is None):
+                dataset = source.split(split, self.model)  # streamed from disk for a table, in memory when live
         self.split, self.mode, self.reward_type = split, mode, reward
         self.flops_penalty = float(flops_penalty)
         self.observation_spec = get_observation(observation)
         self.render_mode = render_mode
         if table is not None:
             table.check_matches(self.model, split, observation)
-            if dataset is not None and table.data_sha256 and table.data_sha256 != dataset_sha256(dataset):
+            data_sha = None if dataset is None else (
+                dataset.fingerprint() if isinstance(dataset, FolderSplit) else dataset_sha256(dataset))  # fmt: skip
+            if data_sha is not None and table.data_sha256 and table.data_sha256 != data_sha:
                 raise ValueError(f"outcome table for {table.split!r} was built from other samples than `dataset`")
 
         # --- the data this mode needs -----------------------------------------------------------------------------
@@ -180,10 +194,12 @@ class AdaPerceiverComputeEnv(gym.Env[np.ndarray, np.ndarray]):
         if mode == "table" and table is None:
             self.table = load_or_build(self.model, split, data_dir, observation, cache_dir, dataset)
         if mode == "live":
-            data = dataset if dataset is not None else load_split(split, data_dir)
-            self._images = data.as_float()
-            self._labels_list: list[int] = data.labels.tolist()
-            self._n = len(data)
+            if isinstance(dataset, FolderSplit):
+                dataset = dataset.read_all(progress=False)[0]
+            samples = dataset if dataset is not None else load_split(split, data_dir)
+            self._images = samples.as_float()
+            self._labels_list: list[int] = samples.labels.tolist()
+            self._n = len(samples)
         else:
             self._n = len(self.table)
 

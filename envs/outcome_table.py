@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from backbone.data import ImageDataset, load_split
 from backbone.fileio import atomic_write, user_cache_dir
+from backbone.folder_split import FolderSplit
 from backbone.model import AdaPerceiver
 from backbone.settings import SettingsGrid
 from backbone.sweep import sweep
@@ -146,8 +147,8 @@ class OutcomeTable:
             with torch.no_grad():
                 starts = range(0, len(images), batch_size)
                 for s in tqdm(starts, desc="observations", unit="batch", disable=not progress):
-                    memory = observe_embed(model, images[s : s + batch_size])
-                    obs[s : s + batch_size] = spec.compute(model, memory).numpy()
+                    memory = observe_embed(model, images[s : s + batch_size].to(next(model.parameters()).device))
+                    obs[s : s + batch_size] = spec.compute(model, memory).cpu().numpy()
         finally:
             model.train(was_training)
         return cls(
@@ -285,9 +286,11 @@ def load_or_build(
     data_dir: str | os.PathLike | None = None,
     observation: str = DEFAULT_OBSERVATION,
     cache_dir: str | os.PathLike | None = None,
-    dataset: ImageDataset | None = None,
+    dataset: ImageDataset | FolderSplit | None = None,
     progress: bool = True,
     batch_size: int = 500,
+    device: str | torch.device | None = None,
+    workers: int = 0,
 ) -> OutcomeTable:
     """The cached table for (backbone, split, observation), building and caching it when missing or stale.
 
@@ -300,9 +303,13 @@ def load_or_build(
         data_dir: Fashion-MNIST folder for the named split.
         observation: Observation spec name.
         cache_dir: Root of the cache (default :func:`default_cache_dir`).
-        dataset: Samples to use instead of loading ``split``.
+        dataset: Samples to use instead of loading ``split``: in memory, or an image-folder split
+            (:class:`~backbone.folder_split.FolderSplit`, preprocessed for ``model``), which is streamed from disk and
+            built in resumable chunks (:func:`envs.table_chunks.build_in_chunks`).
         progress: Show tqdm bars while building.
         batch_size: Images per forward pass while building.
+        device: Torch device of the backbone while building (None: where it is); it is moved back afterwards.
+        workers: DataLoader worker processes reading an image-folder split.
 
     Returns:
         The table.
@@ -311,21 +318,34 @@ def load_or_build(
     if dataset is None:
         dataset = load_split(split, data_dir)
     sha = backbone_identity(model)
-    path = table_path(
-        cache_dir if cache_dir is not None else default_cache_dir(), sha, split, observation, len(dataset)
-    )
+    streamed = isinstance(dataset, FolderSplit)
+    data_sha = dataset.fingerprint() if streamed else None
+    # an image-folder split's file name carries its fingerprint, so two data sets' tables never evict each other
+    key = f"{split}@{data_sha[:12]}" if streamed else split
+    path = table_path(cache_dir if cache_dir is not None else default_cache_dir(), sha, key, observation, len(dataset))
     if path.is_file():
         why: str | None
         try:
             table = OutcomeTable.load(path)
             why = table.mismatch(model, split, observation)
-            if why is None and table.data_sha256 != dataset_sha256(dataset):
+            if why is None and table.data_sha256 != (data_sha or dataset_sha256(dataset)):
                 why = "its samples differ from the requested dataset"
         except ValueError as e:
             why = str(e)
         if why is None:
             return table
         print(f"outcome table {path} is stale ({why}); rebuilding", file=sys.stderr)
-    table = OutcomeTable.build(model, dataset, split, observation, batch_size=batch_size, progress=progress)
+    if streamed:
+        from envs.table_chunks import build_in_chunks  # imports this module
+
+        device = device or next(model.parameters()).device
+        return build_in_chunks(model, dataset, split, observation, path, batch_size=batch_size, device=device,
+                               workers=workers, progress=progress)  # fmt: skip
+    home = next(model.parameters()).device
+    model.to(device or home)
+    try:
+        table = OutcomeTable.build(model, dataset, split, observation, batch_size=batch_size, progress=progress)
+    finally:
+        model.to(home)
     table.save(path)
     return table

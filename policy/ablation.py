@@ -33,11 +33,13 @@ from policy.training import load_backbone_for, outcome_table, train_controller
 TAUS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.01)
 
 
-def find_or_train(cfg_kwargs: dict, penalty: float, given: dict[float, Path], runs_dir: Path, seed: int) -> Path:
+def find_or_train(
+    cfg_kwargs: dict, penalty: float, given: dict[float, Path], runs_dir: Path, seed: int, task: str = "fmnist"
+) -> Path:
     """A run folder for ``penalty``: one given with --policies, a finished one in runs_dir, or a new one."""
     if penalty in given:
         return given[penalty]
-    run = runs_dir / f"fmnist__p{penalty:g}__s{seed}"
+    run = runs_dir / f"{task}__p{penalty:g}__s{seed}"
     if (run / "eval.json").is_file():
         print(f"reusing controller {run}", file=sys.stderr)
         return run
@@ -52,7 +54,11 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
     base = {
         "config_path": args.config,
         "backbone": args.backbone,
+        "data": args.data,
         "data_dir": args.data_dir,
+        "table_device": args.table_device,
+        "table_batch_size": args.table_batch_size,
+        "workers": args.workers,
         "timesteps": args.timesteps,
         "train_limit": args.train_limit,
         "eval_limit": args.eval_limit,
@@ -81,7 +87,7 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
     penalties = sorted(set(args.penalties) | set(given))
     controllers = []
     for p in penalties:
-        run = find_or_train(base, p, given, Path(args.runs_dir), args.seed)
+        run = find_or_train(base, p, given, Path(args.runs_dir), args.seed, cfg.task)
         zip_path, side = resolve_run(run)
         check_compatible(side, model.checkpoint_sha256, model.grid, table.observation)
         policy = load_ppo(zip_path).policy
@@ -108,6 +114,7 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "backbone": str(model.checkpoint_path),
         "backbone_sha256": model.checkpoint_sha256,
+        "data": cfg.task,
         "split": cfg.eval_split,
         "samples": len(table.labels),
         "observation": table.observation,
@@ -264,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", help="folder for ablation.json, ablation.md, pareto.png (default: a new RUNS_DIR/report__<time>)"
     )
+    parser.add_argument("--data", help="fmnist (default) or an image-folder root ROOT/<split>/<class>/<image>")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder")
+    parser.add_argument("--table-device", help="torch device of the backbone while outcome tables are built")
+    parser.add_argument("--table-batch-size", type=int, help="images per forward pass while building tables")
+    parser.add_argument("--workers", type=int, help="DataLoader workers reading image folders")
     parser.add_argument("--train-limit", type=int, help="first N policy-train images only (smoke tests)")
     parser.add_argument("--eval-limit", type=int, help="first N test images only (smoke tests)")
     parser.add_argument("--cache-dir", help="outcome-table cache folder")

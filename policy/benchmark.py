@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
-from backbone.data import DataError, load_split
+from backbone.data import DataError
+from backbone.data_source import resolve_data
 from backbone.fileio import write_json
 from backbone.interrupt import exits_cleanly_on_ctrl_c
 from policy.adaptive import AdaptiveClassifier
+from policy.sidecar import resolve_run
 
 
 def _throughput(fn: Callable[[torch.Tensor], object], images: torch.Tensor, batch: int) -> float:
@@ -90,14 +92,24 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=9, help="paired timed passes per batch size (medians reported; default 9)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument(
+        "--data", help="fmnist or an image-folder root ROOT/<split>/<class>/<image> (default: the run's own data)"
+    )
     parser.add_argument("--data-dir", help="Fashion-MNIST folder")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers reading image folders")
     parser.add_argument("--json", default=None, help="output JSON (default: <policy>/benchmark.json)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         clf = AdaptiveClassifier.load(args.policy)
-        data = load_split(args.split, args.data_dir)
+        source = resolve_data(args.data or resolve_run(args.policy)[1].get("data"), args.data_dir)
+        source.check_backbone(clf.backbone)
+        if source.builtin:
+            data = source.dataset(args.split)
+        else:
+            folder = source.split(args.split, clf.backbone)
+            data = folder.subset(min(args.limit, len(folder))).read_all(workers=args.workers)[0]
         images = data.subset(min(args.limit, len(data))).as_float()
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--backbone", help="backbone .safetensors (default: the shipped Fashion-MNIST backbone)")
     p.add_argument(
+        "--data",
+        help="task: fmnist (default) or an image-folder root ROOT/<split>/<class>/<image> that the backbone was "
+        "trained on (python -m backbone.train --data ROOT): the controller learns on ROOT/policy-train/ or, without "
+        "it, on exactly the hold-out of ROOT/train/ recorded in the backbone, and is reported on ROOT/test/",
+    )
+    p.add_argument(
         "--data-dir",
         help="Fashion-MNIST folder (default: $ADAPERCEIVER_DATA_DIR or /usr/share/datasets/"
         "fashion-mnist, from `apt-get install dataset-fashion-mnist`)",
@@ -42,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--observation", help="observation spec: pooled_probe (default), pooled or probe")
     p.add_argument(
-        "--out", help="run folder (default: runs/fmnist__p<penalty>__s<seed>__<time> in the working directory)"
+        "--out", help="run folder (default: runs/<task>__p<penalty>__s<seed>__<time> in the working directory)"
     )
     p.add_argument(
         "--wandb",
@@ -61,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cache-dir", help="outcome-table cache (default $ADAPERCEIVER_CACHE_DIR or ~/.cache/adaperceiver-rl/tables)"
     )
+    p.add_argument("--table-device", help="torch device of the backbone while outcome tables are built (default cpu)")
+    p.add_argument("--table-batch-size", type=int, help="images per forward pass while building tables (default 500)")
+    p.add_argument("--workers", type=int, help="DataLoader workers reading image folders (default 2)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
@@ -78,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             args.config,
             flops_penalty=args.flops_penalty,
             backbone=args.backbone,
+            data=args.data,
             data_dir=args.data_dir,
             timesteps=args.timesteps,
             n_envs=args.n_envs,
@@ -90,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             train_limit=args.train_limit,
             eval_limit=args.eval_limit,
             cache_dir=args.cache_dir,
+            table_device=args.table_device,
+            table_batch_size=args.table_batch_size,
+            workers=args.workers,
         )
         out, metrics = train_controller(cfg, resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, DataError) as e:

@@ -22,6 +22,7 @@ class PolicyConfig:
 
     flops_penalty: float = 0.3  # reward = correct - penalty * FLOPs(setting) / FLOPs(full)
     backbone: str | None = None  # backbone .safetensors (None = the shipped checkpoint)
+    data: str | None = None  # task: None/fmnist (Fashion-MNIST) or an image-folder root ROOT/<split>/<class>/<image>
     data_dir: str | None = None  # Fashion-MNIST folder (None = $ADAPERCEIVER_DATA_DIR or Debian's path)
     train_split: str = "policy-train"  # split the controller learns on (held out from the backbone)
     eval_split: str = "test"  # split of the final report
@@ -50,6 +51,9 @@ class PolicyConfig:
     wandb_project: str = "adaperceiver-rl"
     device: str = "cpu"  # torch device of the controller (the MLP is tiny: cpu is fastest)
     cache_dir: str | None = None  # outcome-table cache (None = $ADAPERCEIVER_CACHE_DIR or ~/.cache/.../tables)
+    table_device: str = "cpu"  # torch device of the backbone while outcome tables are built (e.g. cuda)
+    table_batch_size: int = 500  # images per forward pass while outcome tables are built
+    workers: int = 2  # DataLoader worker processes reading image folders
 
     def __post_init__(self) -> None:
         if not isinstance(self.flops_penalty, (int, float)) or not math.isfinite(self.flops_penalty):
@@ -62,13 +66,21 @@ class PolicyConfig:
             raise ValueError(f"--wandb must be one of {list(WANDB_MODES)}, got {self.wandb!r}")
         if self.vec_env not in ("dummy", "subproc"):
             raise ValueError(f"vec_env must be 'dummy' or 'subproc', got {self.vec_env!r}")
-        for name in ("timesteps", "n_envs", "n_steps", "batch_size", "n_epochs"):
+        for name in ("timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "table_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def run_name(self) -> str:
-        """cleanrl-style ``{task}__p{penalty}__s{seed}__{time}``."""
-        return f"fmnist__p{self.flops_penalty:g}__s{self.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+        """cleanrl-style ``{task}__p{penalty}__s{seed}__{time}`` (task: ``fmnist`` or the image folder's name)."""
+        return f"{self.task}__p{self.flops_penalty:g}__s{self.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+
+    @property
+    def task(self) -> str:
+        """``fmnist``, or the name of the ``data`` folder (made safe for a folder name)."""
+        if self.data is None or self.data == "fmnist":
+            return "fmnist"
+        name = Path(self.data).expanduser().resolve().name
+        return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "data"
 
 
 def build_policy_config(config_path: str | Path | None = DEFAULT_POLICY_CONFIG, **overrides: Any) -> PolicyConfig:

@@ -2,8 +2,9 @@
 
     python -m policy.infer --policy runs/RUN IMAGE_OR_FOLDER [...]
 
-Images (PNG/JPEG/BMP) are read with Pillow, converted to the backbone's channels (L or RGB), resized to its input
-size and scaled to [0, 1]. Fashion-MNIST images are light garments on a black background; other photos may need
+Images (PNG/JPEG/BMP) are read with Pillow and the backbone's own preprocessing (its channels, L or RGB; resized to
+its input size, or for a backbone with ``resize_size`` the shorter side resized and the centre cropped), then scaled
+to [0, 1]. Fashion-MNIST images are light garments on a black background; other photos may need
 inverting (--invert) to look like the training data.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from backbone.data import FASHION_MNIST_CLASSES, IMAGE_SUFFIXES
 from backbone.fileio import write_json
+from backbone.folder_split import preprocessing
 from backbone.interrupt import exits_cleanly_on_ctrl_c
 from policy.adaptive import AdaptiveClassifier
 
@@ -38,16 +41,14 @@ def collect_images(paths: list[str]) -> list[Path]:
     return out
 
 
-def read_image(path: Path, channels: int, size: int, invert: bool = False) -> torch.Tensor:
-    """``(C, size, size)`` float tensor in [0, 1]; ValueError naming the file if Pillow cannot read it."""
+def read_image(path: Path, preprocess: Callable[[Image.Image], torch.Tensor], invert: bool = False) -> torch.Tensor:
+    """``(C, H, W)`` float tensor in [0, 1] after the backbone's ``preprocess``; ValueError naming a bad file."""
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as e:
+            x = preprocess(im).float() / 255.0
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
-    arr = 1.0 - arr if invert else arr
-    return torch.from_numpy(arr.reshape(size, size, channels).transpose(2, 0, 1).copy())
+    return 1.0 - x if invert else x
 
 
 def class_names(backbone) -> list[str]:
@@ -71,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         clf = AdaptiveClassifier.load(args.policy, backbone=args.backbone)
-        c = clf.backbone.cfg
+        preprocess = preprocessing(clf.backbone.cfg)
         files = collect_images(args.images)
-        images = [read_image(f, c.in_chans, c.img_size, args.invert) for f in files]
+        images = [read_image(f, preprocess, args.invert) for f in files]
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from stable_baselines3.common.logger import KVWriter, Logger
 
 from backbone.checkpoint import DEFAULT_BACKBONE, CheckpointError, load_backbone
 from backbone.data import load_split
+from backbone.data_source import resolve_data
 from backbone.fileio import write_json
 from backbone.settings_io import dump_yaml
 from envs import OutcomeTable, get_observation, load_or_build, make_vec_env
@@ -40,8 +41,14 @@ def load_backbone_for(path: str | None):
 
 
 def outcome_table(model, cfg: PolicyConfig, split: str, limit: int, progress: bool = True) -> OutcomeTable:
-    """Cached outcome table of ``split`` (first ``limit`` images when limit > 0)."""
-    dataset = load_split(split, cfg.data_dir)
+    """Cached outcome table of ``split`` of ``cfg.data`` (first ``limit`` images when limit > 0).
+
+    An image folder's split is read with the backbone's preprocessing (``policy-train``: exactly the hold-out its
+    checkpoint records, or ``ROOT/policy-train/``) and built in resumable chunks on ``cfg.table_device``.
+    """
+    source = resolve_data(cfg.data, cfg.data_dir)
+    source.check_backbone(model)
+    dataset = load_split(split, cfg.data_dir) if source.builtin else source.split(split, model)
     if limit:
         dataset = dataset.subset(limit)
     return load_or_build(
@@ -52,6 +59,9 @@ def outcome_table(model, cfg: PolicyConfig, split: str, limit: int, progress: bo
         cache_dir=cfg.cache_dir,
         dataset=dataset,
         progress=progress,
+        batch_size=cfg.table_batch_size,
+        device=cfg.table_device,
+        workers=cfg.workers,
     )
 
 
@@ -160,6 +170,7 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
     sidecar_base = {
         "backbone_path": None if cfg.backbone is None else str(Path(cfg.backbone).resolve()),  # None = shipped
         "backbone_sha256": model.checkpoint_sha256,
+        "data": None if cfg.task == "fmnist" else str(Path(cfg.data).expanduser().resolve()),  # None = fmnist
         "grid": grid.to_json(),
         "observation": cfg.observation,
         "obs_dim": int(train_table.obs.shape[1]),
