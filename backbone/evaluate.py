@@ -17,6 +17,7 @@ from pathlib import Path
 from backbone.checkpoint import DEFAULT_BACKBONE, load_backbone
 from backbone.fileio import atomic_write, display_path, write_json, write_text
 from backbone.interrupt import exits_cleanly_on_ctrl_c
+from backbone.pareto import significant_steps
 from backbone.settings import Setting
 from backbone.sweep import accuracy_grid
 
@@ -25,9 +26,15 @@ def write_report(rows: list[dict], meta: dict, out: Path, stem: str, compare: di
     """JSON + Markdown table + PNG plot of a settings sweep (``compare``: another report drawn on the same axes)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
-    write_json(paths["json"], {**meta, "settings": rows}, indent=1)
     full = max(rows, key=lambda r: r["flops"])
     small = min(rows, key=lambda r: r["flops"])
+    steps = significant_steps([r["flops"] for r in rows], [r["accuracy"] for r in rows], meta["samples"])
+    front = {
+        "rise": full["accuracy"] - small["accuracy"],  # what the most compute buys over the least
+        "smallest_flops_share": small["flops"] / full["flops"],
+        "significant_steps": [str(Setting.of_row(rows[i])) for i in steps],  # rises by more than a standard error
+    }
+    write_json(paths["json"], {**meta, "front": front, "settings": rows}, indent=1)
     lines = [
         f"# Fixed-setting accuracy: `{meta['checkpoint']}` on `{meta['split']}` ({meta['samples']} images)",
         "",
@@ -37,6 +44,8 @@ def write_report(rows: list[dict], meta: dict, out: Path, stem: str, compare: di
         f"- full setting {Setting.of_row(full)}: **{full['accuracy']:.2%}** at {full['flops'] / 1e6:.1f} MFLOPs",
         f"- smallest setting {Setting.of_row(small)}: **{small['accuracy']:.2%}** at {small['flops'] / 1e6:.1f} MFLOPs "
         f"({full['flops'] / small['flops']:.1f}x fewer)",
+        f"- rise full - smallest: **{front['rise'] * 100:.2f} points**; front settings each more accurate than the "
+        f"last by more than a standard error: **{len(steps)}** ({', '.join(front['significant_steps'])})",
         "",
         "| setting | MFLOPs | accuracy | Pareto |",
         "|---|---:|---:|:---:|",

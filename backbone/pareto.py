@@ -28,3 +28,22 @@ def front_accuracy_at(cost: np.ndarray, accuracy: np.ndarray, budget: float) -> 
     cost, accuracy = np.asarray(cost, dtype=float), np.asarray(accuracy, dtype=float)
     ok = cost <= budget
     return float(accuracy[ok].max()) if ok.any() else float("nan")
+
+
+def significant_steps(cost: Sequence[float], accuracy: Sequence[float], samples: int) -> np.ndarray:
+    """Indices of a greedy chain along the front, cheapest first: each next point is more accurate than the last
+    chosen one by more than its own standard error ``sqrt(p (1 - p) / samples)``.
+
+    How many distinct accuracy levels the front offers at this sample size: a controller can only trade compute
+    for accuracy where the front rises by more than the noise (issue 18 asks for >= 5 such steps).
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    accuracy = np.asarray(accuracy, dtype=float)
+    front = pareto_front(cost, accuracy)
+    chain = [front[0]]
+    for i in front[1:]:
+        p = accuracy[i]
+        if p - accuracy[chain[-1]] > np.sqrt(p * (1 - p) / samples):
+            chain.append(i)
+    return np.asarray(chain, dtype=int)

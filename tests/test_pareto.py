@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from backbone.pareto import front_accuracy_at, pareto_front
+from backbone.pareto import front_accuracy_at, pareto_front, significant_steps
 
 
 def brute_force_front(cost: np.ndarray, accuracy: np.ndarray) -> list[int]:
@@ -70,3 +70,14 @@ def test_front_accuracy_at_equals_brute_force(seed: int) -> None:
         assert got == want, budget
         # the best point within a budget is the last front point within it
         assert got == accuracy[front[cost[front] <= budget][-1]]
+
+
+def test_significant_steps_on_a_hand_made_front() -> None:
+    """n = 10,000: the standard error at p = 0.9 is 0.3 points, at 0.8 0.4 points."""
+    cost = [1, 2, 3, 4, 5, 6, 7]
+    accuracy = [0.800, 0.803, 0.8035, 0.900, 0.902, 0.904, 0.890]
+    # 0.803 and 0.8035 are within 0.4 points of 0.800; 0.900 is a step; 0.902 is not; 0.904 is (> 0.29 above 0.900)
+    assert significant_steps(cost, accuracy, 10_000).tolist() == [0, 3, 5]
+    assert significant_steps(cost, accuracy, 100).tolist() == [0, 3]  # fewer images: only the big step counts
+    with pytest.raises(ValueError, match="samples must be >= 1"):
+        significant_steps(cost, accuracy, 0)
