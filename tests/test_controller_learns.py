@@ -1,0 +1,123 @@
+"""The RL learns (issue 20): PPO through the real ``train_controller`` path on a planted outcome table.
+
+The planted table is an ordinary cached :class:`~envs.OutcomeTable` for the test backbone, but its correctness is
+chosen, not measured: every sample has a difficulty 0, 1 or 2, written into its observation (one-hot, plus noise
+in the other features), and a setting gets it right exactly when the setting's *level* (0 below 30% of the full
+setting's FLOPs, 1 below 60%, else 2) is at least the difficulty. So the best per-sample choice is known in closed
+form -- the cheapest setting whose reward beats every other for that difficulty -- and so is the best single fixed
+setting. A controller that learned nothing (or ignored its observation) lands near the fixed setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from backbone import create_model, load_backbone, save_backbone
+from backbone.data import load_split
+from envs import OutcomeTable
+from envs.outcome_table import backbone_identity, dataset_sha256, table_path
+from policy.config import build_policy_config
+from policy.controller import choose_actions, load_ppo
+from policy.training import train_controller
+
+REPO = Path(__file__).resolve().parents[1]
+N_TRAIN, N_EVAL = 3000, 1000
+OBSERVATION = "pooled_probe"
+LEVEL_EDGES = (0.3, 0.6)  # relative FLOPs at which a setting's level rises to 1 and to 2
+
+
+def setting_levels(model) -> np.ndarray:
+    """Level 0/1/2 of every setting (grid-shaped) from its relative FLOPs."""
+    return np.digitize(model.grid.relative_cost(), LEVEL_EDGES)
+
+
+def planted_table(model, split: str, n: int, seed: int) -> OutcomeTable:
+    """An outcome table of the first ``n`` images of ``split`` whose correctness is planted (module docstring)."""
+    dataset = load_split(split).subset(n)
+    template = OutcomeTable.build(model, dataset.subset(4), split, OBSERVATION, progress=False)  # obs width, FLOPs
+    rng = np.random.default_rng(seed)
+    difficulty = rng.integers(0, 3, n)
+    obs = rng.normal(0.0, 0.3, (n, template.obs.shape[1])).astype(np.float32)
+    obs[:, :3] = np.eye(3, dtype=np.float32)[difficulty] * 2.0
+    per_sample = (-1,) + (1,) * model.grid.ndim  # broadcast a (n,) array over the grid
+    correct = setting_levels(model)[None] >= difficulty.reshape(per_sample)
+    labels = dataset.labels.numpy()
+    return OutcomeTable(
+        correct=correct,
+        loss=np.where(correct, 0.1, 3.0).astype(np.float32),
+        pred=np.where(correct, labels.reshape(per_sample), ((labels + 1) % 10).reshape(per_sample)).astype(np.int16),
+        confidence=np.where(correct, 0.9, 0.4).astype(np.float32),
+        labels=labels,
+        obs=obs,
+        grid=model.grid,
+        obs_flops=template.obs_flops,
+        backbone_sha256=backbone_identity(model),
+        split=split,
+        observation=OBSERVATION,
+        data_sha256=dataset_sha256(dataset),
+    )
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> dict:
+    """The test backbone on disk and its planted train/eval tables in a fresh table cache."""
+    root = tmp_path_factory.mktemp("planted")
+    path = root / "backbone.safetensors"
+    save_backbone(create_model("adaperceiver_test"), path)
+    model = load_backbone(path)
+    cache = root / "cache"
+    tables = {}
+    for split, n, seed in (("policy-train", N_TRAIN, 0), ("test", N_EVAL, 1)):
+        tables[split] = planted_table(model, split, n, seed)
+        tables[split].save(table_path(cache, backbone_identity(model), split, OBSERVATION, n))
+    config = root / "policy.yaml"
+    fast = {"n_envs": 8, "n_steps": 64, "batch_size": 128, "n_epochs": 10, "learning_rate": 3.0e-3,
+            "timesteps": 24576, "net_arch": [32, 32]}  # fmt: skip
+    config.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "configs/policy.yaml").read_text()), **fast}))
+    return {"root": root, "backbone": path, "cache": cache, "config": config, "tables": tables}
+
+
+def train(planted: dict, penalty: float) -> tuple[np.ndarray, dict]:
+    """Train through ``train_controller`` on the planted tables; the eval table's chosen actions and metrics."""
+    cfg = build_policy_config(planted["config"], backbone=str(planted["backbone"]), cache_dir=str(planted["cache"]),
+                              out=str(planted["root"] / f"run_p{penalty}"), train_limit=N_TRAIN, eval_limit=N_EVAL,
+                              flops_penalty=penalty)  # fmt: skip
+    out, metrics = train_controller(cfg, progress=False)
+    actions = choose_actions(load_ppo(out / "policy.zip").policy, planted["tables"]["test"].obs)
+    return actions, metrics
+
+
+def test_planted_table_has_the_intended_structure(planted) -> None:
+    table = planted["tables"]["test"]
+    levels = setting_levels(load_backbone(planted["backbone"]))
+    assert set(np.unique(levels)) == {0, 1, 2}  # every difficulty has settings that solve it and settings that fail
+    difficulty = table.obs[:, :3].argmax(1)
+    for d in range(3):  # correct exactly at the settings of level >= d
+        np.testing.assert_array_equal(table.correct[difficulty == d].all(0), levels >= d)
+        assert not (table.correct[difficulty == d] & (levels < d)[None]).any()
+
+
+def test_ppo_reaches_the_planted_optimum_and_beats_every_fixed_setting(planted) -> None:
+    penalty = 1.0
+    actions, metrics = train(planted, penalty)
+    rewards = planted["tables"]["test"].reward_matrix("correct", penalty)  # (n, *grid)
+    flat = rewards.reshape(len(rewards), -1)
+    optimum = flat.max(1).mean()  # knowing each sample's difficulty: the best setting for it
+    best_fixed = flat.mean(0).max()  # one setting for every sample
+    got = rewards[(np.arange(len(rewards)), *actions.T)].mean()
+    assert optimum - best_fixed > 0.15  # the planted task leaves a lot to win per sample
+    assert got >= 0.95 * optimum, (got, optimum, best_fixed)
+    assert got - best_fixed >= 0.75 * (optimum - best_fixed), (got, optimum, best_fixed)
+    assert metrics["accuracy"] == pytest.approx(planted["tables"]["test"].correct[(np.arange(N_EVAL), *actions.T)].mean())
+
+
+def test_mean_flops_falls_as_the_penalty_rises(planted) -> None:
+    """Penalties whose planted optima differ (all difficulties served / the hardest skipped / only the cheapest
+    setting): the trained controllers' mean FLOPs fall strictly, as the optima do."""
+    flops = planted["tables"]["test"].flops
+    means = [float(flops[tuple(train(planted, p)[0].T)].mean()) for p in (0.3, 2.0, 30.0)]
+    assert means[0] > means[1] > means[2], means
