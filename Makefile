@@ -53,11 +53,11 @@ check-install: data
 	cd $(CHECK_DIR) && $(CHECK_VENV)/bin/adaperceiver-train-policy --timesteps 2048 --train-limit 1000 --eval-limit 500 --no-progress --cache-dir $(CHECK_DIR)/cache
 	ls $(CHECK_DIR)/runs/*
 
-# Regenerate every committed figure under docs/results from the shipped backbone (about 35 minutes on 2 cores;
-# one heavy job at a time). The backbone itself: python -m backbone.train --config configs/backbone_fmnist.yaml
+# Regenerate the figures under docs/results from the shipped backbone (about an hour on 2 cores; one heavy job at a
+# time). The backbone itself: python -m backbone.train --config configs/backbone_fmnist_stages.yaml
 RESULTS := docs/results
 results: install
-	$(PY) -m backbone.evaluate --split test --out $(RESULTS)
+	$(PY) -m backbone.evaluate --split test --out $(RESULTS) --compare $(RESULTS)/previous_default/eval_test.json
 	$(PY) -m backbone.read_attention --json $(RESULTS)/read_attention_test.json
 	rm -rf runs/p0.3 runs/p0.01 runs/ablation $(RESULTS)/demo_p0.3
 	ADAPERCEIVER_CACHE_DIR=$$(mktemp -d) $(PY) train_policy.py --flops-penalty 0.3 --seed 0 --out $(RESULTS)/demo_p0.3 --no-progress

@@ -22,7 +22,7 @@ from backbone.model import AdaPerceiver
 FORMAT = "adaperceiver-rl/backbone"
 FORMAT_VERSION = "1"
 METADATA_KEY = "adaperceiver"
-DEFAULT_BACKBONE = packaged_file("checkpoints", "adaperceiver_fmnist.safetensors")  # shipped as package data
+DEFAULT_BACKBONE = packaged_file("checkpoints", "adaperceiver_fmnist_stages.safetensors")  # shipped as package data
 
 
 class CheckpointError(ValueError):

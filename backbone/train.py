@@ -1,6 +1,6 @@
 """Joint (once-for-all) training of an AdaPerceiver backbone: the command line.
 
-    python -m backbone.train [--config configs/backbone_fmnist.yaml] [key=value ...] [--resume RUN]
+    python -m backbone.train [--config configs/backbone_fmnist_stages.yaml] [key=value ...] [--resume RUN]
 
 Options flow dinov2-style: TrainConfig defaults <- the YAML file <- ``key=value`` overrides <- flags. The run folder
 (default ``runs/backbone__<model>__s<seed>__<time>`` in the working directory) gets ``config.yaml``, ``log.jsonl``,
@@ -21,7 +21,7 @@ from backbone.interrupt import EXIT_INTERRUPTED
 from backbone.settings_io import build_dataclass, load_yaml, merge, parse_overrides
 from backbone.training import TrainConfig, TrainingInterrupted, train
 
-DEFAULT_CONFIG = packaged_file("configs", "backbone_fmnist.yaml")
+DEFAULT_CONFIG = packaged_file("configs", "backbone_fmnist_stages.yaml")  # the shipped default's recipe
 
 
 def build_config(config_path: str | None, overrides: list[str], **cli: Any) -> TrainConfig:

@@ -42,7 +42,9 @@ BACKBONE_FILE = "backbone.safetensors"
 
 @dataclass
 class TrainConfig:
-    """Options of a joint-training run; the defaults are the shipped recipe (``configs/backbone_fmnist.yaml``)."""
+    """Options of a joint-training run; the defaults are the issue-3 recipe (``configs/backbone_fmnist.yaml``, the
+    previous default). The shipped default trains with ``configs/backbone_fmnist_stages.yaml``, which
+    ``python -m backbone.train`` reads unless given another ``--config``."""
 
     model: str = "adaperceiver_fmnist"  # named size (backbone.MODEL_NAMES)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # AdaPerceiverConfig fields to change

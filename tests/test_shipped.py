@@ -13,6 +13,7 @@ import torch
 import envs  # noqa: F401  (registers AdaPerceiverCompute-v0)
 from backbone import DEFAULT_BACKBONE, load_backbone
 from backbone.data import load_split
+from backbone.pareto import significant_steps
 from backbone.settings import Setting
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
@@ -44,6 +45,24 @@ def test_committed_evaluation_belongs_to_the_shipped_checkpoint(shipped) -> None
     assert [r["flops"] for r in rows] == shipped.grid.flops.ravel().tolist()
     assert [r["pareto"] for r in rows] == _brute_force_front_flags(rows)
     assert sum(r["pareto"] for r in rows) >= 3  # the check above is not vacuous
+
+
+def test_shipped_front_rises_as_issue_18_asks(shipped) -> None:
+    """The default's fixed-setting front on test (recomputed from the committed rows, not read from its summary):
+    full - smallest >= 3 points, >= 5 settings each above the last by more than a standard error, the smallest
+    setting <= 3% of the full setting's FLOPs, and the full setting >= 90%."""
+    result = json.loads((RESULTS / "eval_test.json").read_text())
+    rows = result["settings"]
+    flops = np.array([r["flops"] for r in rows])
+    accuracy = np.array([r["accuracy"] for r in rows])
+    full, smallest = shipped.grid.full_index, shipped.grid.smallest_index
+    full_acc = accuracy[np.ravel_multi_index(full, shipped.grid.shape)]
+    small_acc = accuracy[np.ravel_multi_index(smallest, shipped.grid.shape)]
+    assert full_acc >= 0.90 and full_acc - small_acc >= 0.03, (full_acc, small_acc)
+    assert shipped.grid.flops[smallest] <= 0.03 * shipped.grid.flops[full]
+    steps = significant_steps(flops, accuracy, result["samples"])
+    assert len(steps) >= 5
+    assert result["front"]["significant_steps"] == [str(Setting.of_row(rows[i])) for i in steps]
 
 
 def _brute_force_front_flags(rows: list[dict]) -> list[bool]:
@@ -109,7 +128,7 @@ def test_default_environment_uses_the_shipped_backbone(shipped) -> None:
 @pytest.mark.slow
 def test_default_environment_table_mode_builds_the_policy_split_table() -> None:
     env = gym.make("AdaPerceiverCompute-v0", flops_penalty=0.3)
-    assert env.unwrapped.table.correct.shape == (10_000, 4, 8, 3)
+    assert env.unwrapped.table.correct.shape == (10_000, *load_backbone(DEFAULT_BACKBONE).grid.shape)
 
 
 def test_evaluate_cli_writes_next_to_a_run_and_draws_another_front(tmp_path: Path) -> None:
