@@ -151,3 +151,21 @@ def test_evaluate_cli_writes_next_to_a_run_and_draws_another_front(tmp_path: Pat
     assert (run / "eval_test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (run / "eval_test.md").is_file()
     bad = subprocess.run([*cmd[:-1], str(run / "backbone.safetensors")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--compare" in bad.stderr
+
+
+def test_previous_default_still_loads_and_scores_as_recorded() -> None:
+    """The issue-3 backbone (three axes, no stem exits) is still shipped next to the new default: it loads, its
+    grid has no stage axis, and its full setting re-scores exactly as its committed evaluation says."""
+    path = DEFAULT_BACKBONE.with_name("adaperceiver_fmnist.safetensors")
+    old = load_backbone(path)
+    result = json.loads((RESULTS / "previous_default" / "eval_test.json").read_text())
+    assert result["sha256"] == old.checkpoint_sha256 != load_backbone(DEFAULT_BACKBONE).checkpoint_sha256
+    assert old.grid.axes == ("tokens", "depth", "width") and old.grid.shape == (4, 8, 3)
+    recorded = {Setting.of_row(r): r["accuracy"] for r in result["settings"]}
+    data = load_split("test")
+    with torch.inference_mode():
+        hits = sum(
+            int((old(x).argmax(-1) == y).sum())
+            for x, y in zip(data.as_float().split(1000), data.labels.split(1000), strict=True)
+        )
+    assert hits / len(data) == pytest.approx(recorded[old.grid.full], abs=2e-4)
