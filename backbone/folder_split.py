@@ -67,6 +67,7 @@ class FolderSplit(Dataset):
         self.labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
         self._transform: Callable[[Image.Image], torch.Tensor] | None = None
         self._shape: tuple[int, int, int] = (1, 1, 1)
+        self._fingerprint: str | None = None
 
     @classmethod
     def open(cls, folder: Path, name: str | None = None) -> FolderSplit:
@@ -141,12 +142,16 @@ class FolderSplit(Dataset):
         ]
 
     def fingerprint(self) -> str:
-        """sha256 of (relative path, class, size, mtime) of every file: names the split's content in table caches."""
-        h = hashlib.sha256("\n".join(self.classes).encode())
-        for rel, label in self.samples:
-            st = (self.folder / rel).stat()
-            h.update(f"|{rel}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
-        return h.hexdigest()
+        """sha256 of (relative path, class, size, mtime) of every file: names the split's content in table caches.
+
+        Computed once per split object (it stats every file; a table build and its cache check both ask)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256("\n".join(self.classes).encode())
+            for rel, label in self.samples:
+                st = (self.folder / rel).stat()
+                h.update(f"|{rel}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def __repr__(self) -> str:
         return f"FolderSplit(name={self.name!r}, n={len(self)}, classes={len(self.classes)})"

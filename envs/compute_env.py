@@ -184,9 +184,7 @@ class AdaPerceiverComputeEnv(gym.Env[np.ndarray, np.ndarray]):
         self.render_mode = render_mode
         if table is not None:
             table.check_matches(self.model, split, observation)
-            data_sha = None if dataset is None else (
-                dataset.fingerprint() if isinstance(dataset, FolderSplit) else dataset_sha256(dataset))  # fmt: skip
-            if data_sha is not None and table.data_sha256 and table.data_sha256 != data_sha:
+            if dataset is not None and table.data_sha256 and table.data_sha256 != dataset_sha256(dataset):
                 raise ValueError(f"outcome table for {table.split!r} was built from other samples than `dataset`")
 
         # --- the data this mode needs -----------------------------------------------------------------------------

@@ -54,8 +54,11 @@ def backbone_identity(model: AdaPerceiver) -> str:
     return h.hexdigest()
 
 
-def dataset_sha256(dataset: ImageDataset) -> str:
-    """sha256 of a dataset's images and labels (tells a custom dataset apart from the named split)."""
+def dataset_sha256(dataset: ImageDataset | FolderSplit) -> str:
+    """sha256 of a dataset's images and labels (tells a custom dataset apart from the named split); an image-folder
+    split is named by :meth:`FolderSplit.fingerprint` instead (its files are not read into memory)."""
+    if isinstance(dataset, FolderSplit):
+        return dataset.fingerprint()
     h = hashlib.sha256()
     h.update(dataset.images.contiguous().numpy().tobytes())
     h.update(dataset.labels.contiguous().numpy().tobytes())
@@ -319,16 +322,15 @@ def load_or_build(
         dataset = load_split(split, data_dir)
     sha = backbone_identity(model)
     streamed = isinstance(dataset, FolderSplit)
-    data_sha = dataset.fingerprint() if streamed else None
     # an image-folder split's file name carries its fingerprint, so two data sets' tables never evict each other
-    key = f"{split}@{data_sha[:12]}" if streamed else split
+    key = f"{split}@{dataset_sha256(dataset)[:12]}" if streamed else split
     path = table_path(cache_dir if cache_dir is not None else default_cache_dir(), sha, key, observation, len(dataset))
     if path.is_file():
         why: str | None
         try:
             table = OutcomeTable.load(path)
             why = table.mismatch(model, split, observation)
-            if why is None and table.data_sha256 != (data_sha or dataset_sha256(dataset)):
+            if why is None and table.data_sha256 != dataset_sha256(dataset):
                 why = "its samples differ from the requested dataset"
         except ValueError as e:
             why = str(e)
