@@ -7,6 +7,9 @@ the block-causal mask, and the loss is the cross-entropy of the write-out at *ev
 *every* depth, depth ``l`` weighted by ``l`` (normalised). Deterministic for a given seed on one machine: the
 data order of an epoch and all randomness of a step are seeded from (seed, epoch) and (seed, step), so a
 resumed run continues exactly where it stopped.
+
+Under ``torchrun`` each process trains on its shard of every global batch (``backbone/data_parallel.py``) and
+rank 0 alone writes the run folder; the parameters follow those of one process with the same global batch.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +33,9 @@ from tqdm import tqdm
 from backbone.checkpoint import save_backbone
 from backbone.config import AdaPerceiverConfig
 from backbone.data import ImageDataset, load_image_folder, load_split
+from backbone.data_parallel import JointForward, my_shard, per_process_batch, wrap_for_ranks
 from backbone.data_source import resolve_data
+from backbone.distributed import broadcast, is_main, local_device, mean_across_ranks, world_size
 from backbone.factory import create_model
 from backbone.fileio import atomic_write
 from backbone.model import AdaPerceiver
@@ -56,7 +62,7 @@ class TrainConfig:
     small_data: int = 20000  # image folder: random shift + flip when train/ has fewer images than this (0 = never)
     workers: int = 2  # image folder: DataLoader worker processes decoding images
     epochs: int = 12  # passes over the split
-    batch_size: int = 256  # images per step
+    batch_size: int = 256  # images per step (the global batch: split evenly over torchrun's processes)
     lr: float = 2e-3  # peak AdamW learning rate, reached after warm-up
     min_lr: float = 1e-5  # final learning rate of the cosine schedule
     warmup_epochs: float = 1.0  # linear warm-up length
@@ -68,6 +74,7 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast where the CPU has native bf16 (AVX512-BF16/AMX), else fp32 anyway
     seed: int = 0  # seeds model init, data order, widths and augmentation
     num_threads: int = 0  # torch intra-op threads (0 = torch's default)
+    device: str = "cpu"  # torch device; under torchrun "cuda" is each process's own GPU (NCCL), "cpu" uses gloo
     limit_train: int = 0  # train on the first n images only (0 = all); for smoke tests
     monitor_samples: int = 2000  # held-out policy-train images scored at each epoch end (progress only)
     checkpoint_every: int = 200  # steps between atomic training-state checkpoints
@@ -171,8 +178,12 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         torch.set_num_threads(cfg.num_threads)
     if not 0.0 <= cfg.distill_weight < 1.0:
         raise ValueError(f"distill_weight must be in [0, 1), got {cfg.distill_weight}")
+    rank_batch = per_process_batch(cfg.batch_size)
     state_path = resolve_state(resume) if resume else None
-    out = Path(cfg.out) if cfg.out else (state_path.parent if state_path else Path("runs") / cfg.run_name())
+    # one folder for all ranks: the default name holds the time, which the ranks could read a second apart
+    out = broadcast(Path(cfg.out) if cfg.out else (state_path.parent if state_path else Path("runs") / cfg.run_name()))
+    main = is_main()
+    device = local_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **cfg.model_overrides)
     source = resolve_data(cfg.data, cfg.data_dir)
@@ -194,11 +205,13 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
     if folder_task:  # the small-data recipe: enough optimiser steps, and augmentation on small sets
         epochs = max(epochs, math.ceil(cfg.min_steps / steps_per_epoch))
         augment = augment or n < cfg.small_data
+    if folder_task and main:
         print(f"{source.root}: {n} training images, {epochs} epochs of {steps_per_epoch} steps"
               f"{', augmented' if augment else ''} (min_steps={cfg.min_steps}, small_data={cfg.small_data})",
               file=sys.stderr)  # fmt: skip
     total_steps = steps_per_epoch * epochs
 
+    model.to(device)
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = CosineLRScheduler(
         optimizer,
@@ -211,25 +224,29 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
     step, elapsed = 0, 0.0
     if state_path:
         step, elapsed = _load_state(state_path, model, optimizer, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, out / "config.yaml")
+    net = wrap_for_ranks(model)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_yaml({**dataclasses.asdict(cfg), "world_size": world_size(), "per_process_batch": rank_batch},
+                  out / "config.yaml")  # fmt: skip
 
     monitor = None
-    if cfg.monitor_samples and monitored:
+    if cfg.monitor_samples and monitored and main:
         held_out = load_split("policy-train", cfg.data_dir).subset(cfg.monitor_samples)
         monitor = (held_out.as_float(), held_out.labels)
 
-    use_bf16 = cfg.bf16 and native_bf16()
-    if cfg.bf16 and not use_bf16:
+    use_bf16 = cfg.bf16 and (device.type == "cuda" or native_bf16())
+    if cfg.bf16 and not use_bf16 and main:
         print("note: this CPU has no native bf16 (AVX512-BF16/AMX); training in fp32", file=sys.stderr)
-    run = _init_wandb(cfg, out)
+    run = _init_wandb(cfg, out) if main else None
     images, labels = data.images, data.labels
     widths = torch.tensor(model.cfg.widths)
     saved_step = step
-    bar = tqdm(total=total_steps, initial=step, desc="joint training", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="joint training", unit="step", dynamic_ncols=True,
+               disable=not main)  # fmt: skip
     t_last, loss_ema = time.perf_counter(), None
     model.train()
-    with (out / "log.jsonl").open("a") as log_file:
+    with (out / "log.jsonl").open("a") if main else open(os.devnull, "w") as log_file:
         try:
             while step < total_steps:
                 epoch, i = divmod(step, steps_per_epoch)
@@ -240,9 +257,11 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
                 x = (random_shift_flip(x) if augment else x).float() / 255.0
                 w = sample_widths(widths, len(idx))
                 stages = sample_stages(model.cfg.stages, len(idx))
+                # drawn for the global batch on every rank, then this rank's rows (backbone/data_parallel.py)
+                x, y, w, stages = (_to(my_shard(t), device) for t in (x, labels[idx], w, stages))
                 scheduler.step_update(num_updates=step)
-                loss = train_step(model, optimizer, x, labels[idx], w, use_bf16, cfg.label_smoothing, cfg.grad_clip,
-                                  stages, cfg.distill_weight)  # fmt: skip
+                loss = train_step(net, optimizer, x, y, w, use_bf16, cfg.label_smoothing, cfg.grad_clip, stages,
+                                  cfg.distill_weight)  # fmt: skip
                 if loss is None:
                     raise FloatingPointError(f"loss is not finite at step {step}; lower the learning rate")
                 step += 1
@@ -258,7 +277,7 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
                 record: dict[str, Any] = {"step": step, "losses/joint": loss.item(), "charts/lr": lr,
                                           "charts/img_per_s": img_s}  # fmt: skip
                 if step % steps_per_epoch == 0 and monitor is not None:
-                    record.update(_monitor(model, *monitor))
+                    record.update(_monitor(model, *(t.to(device) for t in monitor)))
                     model.train()
                     summary = ", ".join(f"{k}={v:.4f}" for k, v in record.items())
                     bar.write(f"epoch {step // steps_per_epoch}: {summary}")
@@ -267,7 +286,7 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
                     log_file.flush()
                     if run is not None:
                         run.log(record, step=step)
-                if step % cfg.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
+                if main and (step % cfg.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == total_steps):
                     _save_state(out / STATE_FILE, model, optimizer, cfg, step, elapsed)
                     saved_step = step
         except KeyboardInterrupt:
@@ -285,7 +304,7 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         "torch": torch.__version__,
         "command": " ".join(["python -m backbone.train", *sys.argv[1:]]),
     }
-    sha = save_backbone(model, out / BACKBONE_FILE, metadata=info)
+    sha = save_backbone(model, out / BACKBONE_FILE, metadata=info) if main else None
     if run is not None:
         run.finish()
     return {"backbone": str(out / BACKBONE_FILE), "sha256": sha, "steps": step, "wall_s": elapsed,
@@ -339,8 +358,12 @@ def sample_stages(stages: tuple[int, ...], n: int) -> torch.Tensor | None:
     return shallow[torch.randint(len(shallow), (n,))] if len(shallow) else None
 
 
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
 def train_step(
-    model: AdaPerceiver,
+    model: AdaPerceiver | torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
     labels: torch.Tensor,
@@ -354,24 +377,28 @@ def train_step(
     """One optimizer step on the joint loss of a batch (``widths``: one per sample); returns the loss, or None (no
     update) if it is not finite. Shared by the training loop and ``benchmarks/bench_train_step.py``.
 
+    ``model`` is the backbone, or its :func:`~backbone.data_parallel.wrap_for_ranks` module: then ``x`` is this
+    rank's shard, and the loss returned (and checked) is the mean over the ranks, i.e. of the global batch.
+
     With stem exits, ``stages`` (one shallower input stage per sample) adds the sandwich rule of universally
     slimmable networks / OFA: every image is trained at the deepest stage *and* at its shallow stage, whose loss
     distils in place from the deepest stage's full-depth, full-token logits (``distill_weight``).
     """
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        deep = model.forward_all(x, width=widths)
-        shallow = None if stages is None else model.forward_all(model.embed_per_sample(x, stages), width=widths)
+    net = JointForward(model) if isinstance(model, AdaPerceiver) else model
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        deep, shallow = net(x, widths, stages)
     loss = joint_loss(deep, labels, label_smoothing)
     if shallow is not None:
         loss = loss + joint_loss(shallow, labels, label_smoothing, deep[:, -1, -1].detach(), distill_weight)
-    if not torch.isfinite(loss):
+    global_loss = mean_across_ranks(loss)  # every rank takes the same decision below
+    if not torch.isfinite(global_loss):
         return None
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
     optimizer.step()
-    return loss
+    return global_loss
 
 
 def native_bf16() -> bool:
