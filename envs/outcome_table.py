@@ -33,7 +33,8 @@ from envs.observations import DEFAULT_OBSERVATION, get_observation, observe_embe
 FORMAT = "adaperceiver-rl/outcome-table"
 FORMAT_VERSION = 2
 CACHE_DIR_ENV = "ADAPERCEIVER_CACHE_DIR"
-_ARRAYS = ("correct", "loss", "pred", "confidence", "labels", "obs")
+ARRAYS = ("correct", "loss", "pred", "confidence", "labels", "obs")  # per-sample arrays of a table
+CHUNK_SIZE = 2048  # images per chunk file of an image-folder table (envs/table_chunks.py)
 
 
 def backbone_identity(model: AdaPerceiver) -> str:
@@ -237,7 +238,7 @@ class OutcomeTable:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the table atomically as ``.npz`` (metadata as a JSON string array); return the path."""
         path = Path(path)
-        arrays = {name: getattr(self, name) for name in _ARRAYS} | {"flops": self.flops}
+        arrays = {name: getattr(self, name) for name in ARRAYS} | {"flops": self.flops}
         meta = np.array(json.dumps(self.metadata(), sort_keys=True))
 
         def write(tmp: str) -> None:
@@ -254,7 +255,7 @@ class OutcomeTable:
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
-                arrays = {name: z[name] for name in _ARRAYS}
+                arrays = {name: z[name] for name in ARRAYS}
                 flops = z["flops"]
         except FileNotFoundError:
             raise
@@ -283,6 +284,40 @@ def table_path(cache_dir: str | os.PathLike, sha256: str, split: str, observatio
     return Path(cache_dir) / sha256[:16] / f"{safe_split}__{observation}__n{n}.npz"
 
 
+def cache_path(
+    model: AdaPerceiver,
+    split: str,
+    dataset: ImageDataset | FolderSplit,
+    observation: str,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Where the table of (backbone, split, observation, samples) is cached (:func:`table_path`)."""
+    # an image-folder split's file name carries its fingerprint, so two data sets' tables never evict each other
+    key = f"{split}@{dataset_sha256(dataset)[:12]}" if isinstance(dataset, FolderSplit) else split
+    root = cache_dir if cache_dir is not None else default_cache_dir()
+    return table_path(root, backbone_identity(model), key, observation, len(dataset))
+
+
+def load_cached(
+    path: Path, model: AdaPerceiver, split: str, observation: str, dataset: ImageDataset | FolderSplit
+) -> OutcomeTable | None:
+    """The table at ``path`` if it is the one requested; None if missing, or stale (then one line on stderr)."""
+    if not path.is_file():
+        return None
+    why: str | None
+    try:
+        table = OutcomeTable.load(path)
+        why = table.mismatch(model, split, observation)
+        if why is None and table.data_sha256 != dataset_sha256(dataset):
+            why = "its samples differ from the requested dataset"
+    except ValueError as e:
+        why = str(e)
+    if why is None:
+        return table
+    print(f"outcome table {path} is stale ({why}); rebuilding", file=sys.stderr)
+    return None
+
+
 def load_or_build(
     model: AdaPerceiver,
     split: str,
@@ -294,6 +329,7 @@ def load_or_build(
     batch_size: int = 500,
     device: str | torch.device | None = None,
     workers: int = 0,
+    chunk_size: int = CHUNK_SIZE,
 ) -> OutcomeTable:
     """The cached table for (backbone, split, observation), building and caching it when missing or stale.
 
@@ -313,6 +349,8 @@ def load_or_build(
         batch_size: Images per forward pass while building.
         device: Torch device of the backbone while building (None: where it is); it is moved back afterwards.
         workers: DataLoader worker processes reading an image-folder split.
+        chunk_size: Images per chunk of an image-folder split (its unit of resumption; the batches start at chunk
+            starts, so the same chunk size gives the same table bit for bit).
 
     Returns:
         The table.
@@ -320,29 +358,16 @@ def load_or_build(
     get_observation(observation)  # fail fast on a bad name
     if dataset is None:
         dataset = load_split(split, data_dir)
-    sha = backbone_identity(model)
-    streamed = isinstance(dataset, FolderSplit)
-    # an image-folder split's file name carries its fingerprint, so two data sets' tables never evict each other
-    key = f"{split}@{dataset_sha256(dataset)[:12]}" if streamed else split
-    path = table_path(cache_dir if cache_dir is not None else default_cache_dir(), sha, key, observation, len(dataset))
-    if path.is_file():
-        why: str | None
-        try:
-            table = OutcomeTable.load(path)
-            why = table.mismatch(model, split, observation)
-            if why is None and table.data_sha256 != dataset_sha256(dataset):
-                why = "its samples differ from the requested dataset"
-        except ValueError as e:
-            why = str(e)
-        if why is None:
-            return table
-        print(f"outcome table {path} is stale ({why}); rebuilding", file=sys.stderr)
-    if streamed:
+    path = cache_path(model, split, dataset, observation, cache_dir)
+    table = load_cached(path, model, split, observation, dataset)
+    if table is not None:
+        return table
+    if isinstance(dataset, FolderSplit):
         from envs.table_chunks import build_in_chunks  # imports this module
 
         device = device or next(model.parameters()).device
         return build_in_chunks(model, dataset, split, observation, path, batch_size=batch_size, device=device,
-                               workers=workers, progress=progress)  # fmt: skip
+                               workers=workers, progress=progress, chunk_size=chunk_size)  # fmt: skip
     home = next(model.parameters()).device
     model.to(device or home)
     try:
