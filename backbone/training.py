@@ -224,6 +224,8 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
     step, elapsed = 0, 0.0
     if state_path:
         step, elapsed = _load_state(state_path, model, optimizer, cfg)
+        if main:  # what a kill cost: the steps after this one are redone
+            print(f"resuming {out} at step {step} of {total_steps}", file=sys.stderr)
     net = wrap_for_ranks(model)
     if main:
         out.mkdir(parents=True, exist_ok=True)
