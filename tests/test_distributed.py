@@ -181,3 +181,12 @@ def test_sharded_fmnist_table_equals_the_single_process_one(work: Path, one_thre
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert tables_cli.main([*common, "--cache-dir", str(work / "fm1")]) == 0
     _assert_same_tables(work / "fm2", work / "fm1", expected=1)
+
+
+@pytest.mark.parametrize("cli", [train_cli, tables_cli])
+def test_help_says_how_to_run_on_several_processes(cli, capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert "torchrun --nproc_per_node N" in out and "--nnodes" in out and "--rdzv_endpoint" in out
