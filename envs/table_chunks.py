@@ -24,10 +24,9 @@ from backbone.folder_split import FolderSplit
 from backbone.model import AdaPerceiver
 from backbone.sweep import sweep
 from envs.observations import get_observation, observe_embed
-from envs.outcome_table import OutcomeTable, backbone_identity
+from envs.outcome_table import _ARRAYS, OutcomeTable, backbone_identity
 
 CHUNK_SIZE = 2048
-_ARRAYS = ("correct", "loss", "pred", "confidence", "labels", "obs")
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -48,15 +47,8 @@ def _run_chunk(
         x = images.to(device).float().div_(255.0)
         result = sweep(model, x, labels, batch_size=len(x))
         obs = spec.compute(model, observe_embed(model, x)).cpu().numpy()
-        for name, value in (
-            ("correct", result.correct),
-            ("loss", result.loss),
-            ("pred", result.pred),
-            ("confidence", result.confidence),
-            ("labels", labels.numpy()),
-            ("obs", obs),
-        ):
-            parts[name].append(value)
+        for name in _ARRAYS:  # every per-setting array of the sweep, then the labels and observations
+            parts[name].append({"labels": labels.numpy(), "obs": obs}.get(name, getattr(result, name, None)))
         bar.update(len(labels))
     return {name: np.concatenate(values) for name, values in parts.items()}
 

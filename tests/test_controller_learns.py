@@ -51,6 +51,8 @@ def planted_table(model, split: str, n: int, seed: int) -> OutcomeTable:
         loss=np.where(correct, 0.1, 3.0).astype(np.float32),
         pred=np.where(correct, labels.reshape(per_sample), ((labels + 1) % 10).reshape(per_sample)).astype(np.int16),
         confidence=np.where(correct, 0.9, 0.4).astype(np.float32),
+        margin=np.where(correct, 0.8, 0.1).astype(np.float32),
+        entropy=np.where(correct, 0.4, 1.8).astype(np.float32),
         labels=labels,
         obs=obs,
         grid=model.grid,
