@@ -203,6 +203,20 @@ def test_sequential_inference_runs_what_the_table_scored(sequential_run):
         for i in range(0, 200, 7):
             alone = clf.backbone(x[i : i + 1], *pred.settings[i])
             torch.testing.assert_close(pred.logits[i : i + 1], alone, rtol=1e-4, atol=1e-5)
+    # FlopCounterMode sees every matmul, convolution and attention (the decision network's too), not the element-wise
+    # pooling and prediction statistics the analytic count also has
+    from backbone.flops import flop_counter
+    from backbone.prediction_stats import stats_flops
+    from envs.observations import _pooled_flops
+
+    some = range(0, 200, 10)
+    decisions = sum(int(clf.steps.decisions(pred.settings[i].depth)) for i in some)
+    per_stats = stats_flops(clf.backbone.cfg.num_classes)
+    elementwise = len(some) * (_pooled_flops(clf.backbone) + per_stats) + decisions * per_stats
+    with flop_counter() as counted:
+        for i in some:
+            clf.predict(x[i : i + 1])
+    assert counted.get_total_flops() == sum(pred.flops[i] for i in some) - elementwise
 
 
 def test_a_oneshot_run_is_refused_by_sequential_inference(sequential_run, tmp_path):
