@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from backbone.model import AdaPerceiver
+from backbone.prediction_stats import prediction_stats
 
 
 @dataclass
@@ -24,6 +25,8 @@ class Sweep:
     loss: np.ndarray  # float32 cross-entropy
     pred: np.ndarray  # int16 predicted class
     confidence: np.ndarray  # float32 top-1 softmax probability (for confidence early exit)
+    margin: np.ndarray  # float32 top-1 minus top-2 probability (the sequential controller's per-step view)
+    entropy: np.ndarray  # float32 entropy of the softmax, nats
 
 
 @torch.no_grad()
@@ -53,7 +56,7 @@ def sweep(
     k, depth = len(grid.tokens), len(grid.depths)
     shape = (len(images), *grid.shape[:-1], len(widths))
     correct, loss, pred = np.zeros(shape, bool), np.zeros(shape, np.float32), np.zeros(shape, np.int16)
-    confidence = np.zeros(shape, np.float32)
+    confidence, margin, entropy = (np.zeros(shape, np.float32) for _ in range(3))
     starts = range(0, len(images), batch_size)
     bar = tqdm(total=len(starts) * len(stages) * len(widths), desc="settings sweep", unit="pass", disable=not progress)
     try:
@@ -72,12 +75,13 @@ def sweep(
                     correct[at] = (p == y[:, None, None]).cpu().numpy()
                     loss[at] = ce.cpu().numpy()
                     pred[at] = p.cpu().numpy()
-                    confidence[at] = logits.softmax(-1).amax(-1).cpu().numpy()
+                    stats = prediction_stats(logits).cpu().numpy()  # (b, K, L, 3)
+                    confidence[at], margin[at], entropy[at] = stats[..., 0], stats[..., 1], stats[..., 2]
                     bar.update()
     finally:
         bar.close()
         model.train(was_training)
-    return Sweep(correct, loss, pred, confidence)
+    return Sweep(correct, loss, pred, confidence, margin, entropy)
 
 
 def accuracy_grid(model: AdaPerceiver, images: torch.Tensor, labels: torch.Tensor, **kwargs) -> np.ndarray:

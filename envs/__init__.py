@@ -1,6 +1,6 @@
-"""Gymnasium environment for choosing an AdaPerceiver's compute setting per image, its outcome tables and specs.
+"""Gymnasium environments for choosing an AdaPerceiver's compute setting per image, its outcome tables and specs.
 
-Importing this package registers ``AdaPerceiverCompute-v0``::
+Importing this package registers ``AdaPerceiverCompute-v0`` (one-shot) and ``AdaPerceiverSequential-v0``::
 
     import gymnasium as gym
     import envs
@@ -20,22 +20,33 @@ from envs.outcome_table import (
     load_or_build,
     table_path,
 )
-from envs.vec import make_vec_env
+from envs.sequential_env import AdaPerceiverSequentialEnv
+from envs.sequential_steps import SequentialSteps
+from envs.vec import EPISODES, make_vec_env
 
 ENV_ID = "AdaPerceiverCompute-v0"
+SEQUENTIAL_ENV_ID = "AdaPerceiverSequential-v0"
 
-if ENV_ID not in gymnasium.registry:  # importing twice (or reloading) must not re-register
-    gymnasium.register(id=ENV_ID, entry_point="envs.compute_env:AdaPerceiverComputeEnv")
+for _id, _entry in (
+    (ENV_ID, "compute_env:AdaPerceiverComputeEnv"),
+    (SEQUENTIAL_ENV_ID, "sequential_env:AdaPerceiverSequentialEnv"),
+):
+    if _id not in gymnasium.registry:  # importing twice (or reloading) must not re-register
+        gymnasium.register(id=_id, entry_point=f"envs.{_entry}")
 
 __all__ = [
     "DEFAULT_OBSERVATION",
     "ENV_ID",
+    "EPISODES",
     "MODES",
     "OBSERVATIONS",
     "REWARDS",
+    "SEQUENTIAL_ENV_ID",
     "AdaPerceiverComputeEnv",
+    "AdaPerceiverSequentialEnv",
     "ObservationSpec",
     "OutcomeTable",
+    "SequentialSteps",
     "backbone_identity",
     "dataset_sha256",
     "default_cache_dir",

@@ -24,9 +24,11 @@ import torch.nn.functional as F
 
 from backbone.flops import SHARED_PARTS, flops_breakdown, stem_conv_flops
 from backbone.model import AdaPerceiver, PatchMemory
+from backbone.prediction_stats import STATS, prediction_stats, stats_flops
 from backbone.settings import Setting
 
-PROBE_STATS = ("top1_prob", "margin", "entropy")
+PROBE_STATS = STATS
+probe_stats = prediction_stats  # the probe's features: the statistics of its logits
 
 
 def probe_setting(model: AdaPerceiver) -> Setting:
@@ -59,16 +61,6 @@ def run_probe(model: AdaPerceiver, memory: PatchMemory) -> tuple[torch.Tensor, t
     return latents, model.forward_head(latents)
 
 
-def probe_stats(logits: torch.Tensor) -> torch.Tensor:
-    """Top-1 probability, top-1 minus top-2 probability and entropy (nats) of probe logits: ``(B, 3)``."""
-    logits = logits.float()
-    logp = logits.log_softmax(-1)
-    p = logp.exp()
-    top2 = p.topk(2, dim=-1).values if p.shape[-1] > 1 else torch.cat([p, torch.zeros_like(p)], -1)
-    entropy = (-(p * logp).sum(-1)).clamp(0.0, float(np.float32(math.log(p.shape[-1]))))
-    return torch.stack([top2[:, 0].clamp(0.0, 1.0), (top2[:, 0] - top2[:, 1]).clamp(0.0, 1.0), entropy], dim=-1)
-
-
 def _pooled_flops(model: AdaPerceiver) -> int:
     cfg = model.cfg
     return cfg.num_patches * cfg.token_dim + 8 * cfg.token_dim  # mean over patches + layer norm
@@ -76,7 +68,7 @@ def _pooled_flops(model: AdaPerceiver) -> int:
 
 def _probe_flops(model: AdaPerceiver) -> int:
     parts = flops_breakdown(model.cfg, *probe_setting(model))
-    return sum(v for k, v in parts.items() if k not in SHARED_PARTS) + 6 * model.cfg.num_classes  # + softmax/stats
+    return sum(v for k, v in parts.items() if k not in SHARED_PARTS) + stats_flops(model.cfg.num_classes)
 
 
 def _memory_flops(model: AdaPerceiver) -> tuple[int, int]:

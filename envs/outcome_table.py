@@ -31,9 +31,9 @@ from backbone.sweep import sweep
 from envs.observations import DEFAULT_OBSERVATION, get_observation, observe_embed
 
 FORMAT = "adaperceiver-rl/outcome-table"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: margin and entropy of every setting (the sequential controller observes them)
 CACHE_DIR_ENV = "ADAPERCEIVER_CACHE_DIR"
-ARRAYS = ("correct", "loss", "pred", "confidence", "labels", "obs")  # per-sample arrays of a table
+ARRAYS = ("correct", "loss", "pred", "confidence", "margin", "entropy", "labels", "obs")  # per sample, in a table
 CHUNK_SIZE = 2048  # images per chunk file of an image-folder table (envs/table_chunks.py)
 
 
@@ -81,6 +81,8 @@ class OutcomeTable:
         loss: ``(n, *grid.shape)`` float32 cross-entropy.
         pred: ``(n, *grid.shape)`` int16 predicted class.
         confidence: ``(n, *grid.shape)`` float32 top-1 softmax probability (for the confidence early-exit baseline).
+        margin: ``(n, *grid.shape)`` float32 top-1 minus top-2 probability.
+        entropy: ``(n, *grid.shape)`` float32 softmax entropy (nats).
         labels: ``(n,)`` int64 true class.
         obs: ``(n, F)`` float32 observation of each sample.
         grid: The backbone's :class:`~backbone.settings.SettingsGrid` (axes and FLOPs of every setting).
@@ -95,6 +97,8 @@ class OutcomeTable:
     loss: np.ndarray
     pred: np.ndarray
     confidence: np.ndarray
+    margin: np.ndarray
+    entropy: np.ndarray
     labels: np.ndarray
     obs: np.ndarray
     grid: SettingsGrid
@@ -107,7 +111,7 @@ class OutcomeTable:
     def __post_init__(self) -> None:
         n = len(self.labels)
         shape = (n, *self.grid.shape)
-        for name in ("correct", "loss", "pred", "confidence"):
+        for name in ("correct", "loss", "pred", "confidence", "margin", "entropy"):
             if getattr(self, name).shape != shape:
                 raise ValueError(f"outcome table: {name} has shape {getattr(self, name).shape}, expected {shape}")
         if self.obs.ndim != 2 or len(self.obs) != n:
@@ -160,6 +164,8 @@ class OutcomeTable:
             loss=result.loss,
             pred=result.pred,
             confidence=result.confidence,
+            margin=result.margin,
+            entropy=result.entropy,
             labels=labels.numpy().astype(np.int64),
             obs=obs,
             grid=model.grid,

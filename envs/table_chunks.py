@@ -50,15 +50,8 @@ def _run_chunk(
         x = images.to(device).float().div_(255.0)
         result = sweep(model, x, labels, batch_size=len(x))
         obs = spec.compute(model, observe_embed(model, x)).cpu().numpy()
-        for name, value in (
-            ("correct", result.correct),
-            ("loss", result.loss),
-            ("pred", result.pred),
-            ("confidence", result.confidence),
-            ("labels", labels.numpy()),
-            ("obs", obs),
-        ):
-            parts[name].append(value)
+        for name in ARRAYS:  # every per-setting array of the sweep, then the labels and observations
+            parts[name].append({"labels": labels.numpy(), "obs": obs}.get(name, getattr(result, name, None)))
         bar.update(len(labels))
     return {name: np.concatenate(values) for name, values in parts.items()}
 

@@ -8,8 +8,10 @@ from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from envs.compute_env import MODES, AdaPerceiverComputeEnv, resolve_backbone
+from envs.sequential_env import AdaPerceiverSequentialEnv
 
 VEC_ENVS = {"dummy": DummyVecEnv, "subproc": SubprocVecEnv}
+EPISODES = {"oneshot": AdaPerceiverComputeEnv, "sequential": AdaPerceiverSequentialEnv}  # --controller
 
 
 def make_vec_env(
@@ -17,6 +19,7 @@ def make_vec_env(
     seed: int | None = 0,
     vec_env: str = "dummy",
     vec_env_kwargs: dict[str, Any] | None = None,
+    controller: str = "oneshot",
     **env_kwargs: Any,
 ) -> VecEnv:
     """``n_envs`` Monitor-wrapped copies of :class:`AdaPerceiverComputeEnv` in one SB3 ``VecEnv``.
@@ -29,7 +32,9 @@ def make_vec_env(
         seed: Base seed; copy ``r`` is seeded with ``seed + r`` (None: unseeded).
         vec_env: ``"dummy"`` (all copies in this process; fastest for table mode) or ``"subproc"``.
         vec_env_kwargs: Extra arguments of the VecEnv class (e.g. ``{"start_method": "fork"}``).
-        **env_kwargs: Arguments of :class:`AdaPerceiverComputeEnv`.
+        controller: The episode form: ``"oneshot"`` (:class:`AdaPerceiverComputeEnv`) or ``"sequential"``
+            (:class:`~envs.sequential_env.AdaPerceiverSequentialEnv`).
+        **env_kwargs: Arguments of the environment class.
 
     Returns:
         The VecEnv (``num_envs == n_envs``).
@@ -38,6 +43,8 @@ def make_vec_env(
         raise ValueError(f"unknown vec_env {vec_env!r}; choose one of {list(VEC_ENVS)}")
     if isinstance(n_envs, bool) or not isinstance(n_envs, int) or n_envs < 1:
         raise ValueError(f"n_envs must be a positive integer, got {n_envs!r}")
+    if controller not in EPISODES:
+        raise ValueError(f"unknown controller {controller!r}; choose one of {list(EPISODES)}")
     kwargs = dict(env_kwargs)
     mode = kwargs.get("mode", "table")
     if mode not in MODES:
@@ -45,13 +52,13 @@ def make_vec_env(
     kwargs["backbone"] = resolve_backbone(kwargs.get("backbone"))
     if mode == "table" and kwargs.get("table") is None:
         # one validating construction in the parent resolves the split, checks the arguments and builds the table
-        probe = AdaPerceiverComputeEnv(**kwargs)
+        probe = AdaPerceiverComputeEnv(**{k: v for k, v in kwargs.items() if k != "decision_flops"})
         kwargs["table"] = probe.table
         probe.close()
     if mode == "table":
         kwargs.pop("dataset", None)  # copies only need the (already checked) table
     return sb3_make_vec_env(
-        AdaPerceiverComputeEnv,
+        EPISODES[controller],
         n_envs=n_envs,
         seed=seed,
         env_kwargs=kwargs,

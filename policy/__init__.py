@@ -2,6 +2,16 @@
 
 from policy.adaptive import AdaptiveClassifier, Prediction
 from policy.config import PolicyConfig, build_policy_config
+from policy.load_run import load_classifier
+from policy.sequential_inference import SequentialClassifier
 from policy.training import train_controller
 
-__all__ = ["AdaptiveClassifier", "PolicyConfig", "Prediction", "build_policy_config", "train_controller"]
+__all__ = [
+    "AdaptiveClassifier",
+    "PolicyConfig",
+    "Prediction",
+    "SequentialClassifier",
+    "build_policy_config",
+    "load_classifier",
+    "train_controller",
+]

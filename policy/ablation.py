@@ -1,10 +1,17 @@
 """Where do controllers sit? Every fixed setting, confidence early exit, random, oracle and controllers.
 
-    python -m policy.ablation --penalties 0.01 0.03 0.1 0.3 [--policies RUN ...] [--out FOLDER]
+    python -m policy.ablation [--penalties 0.003 0.01 0.03 0.1 0.3 1] [--controllers oneshot sequential]
+                              [--policies RUN ...] [--seeds 0 1 2] [--out FOLDER]
 
 Controllers not given with --policies are trained with the same code as ``train_policy.py`` (into
 ``--runs-dir``; a finished run there is reused). Everything is scored on the test split's outcome table and
-written as ``ablation.json``, ``ablation.md`` and ``pareto.png``.
+written as ``ablation.json``, ``ablation.md``, ``pareto.png`` and ``compute_allocation.png`` (where the compute
+goes: FLOPs per class and against the probe's confidence).
+
+Two fixed-setting fronts are reported: the test front (the best test accuracy at <= the controller's FLOPs, a
+max over hundreds of noisy estimates, so biased upwards) and the validation-selected front (the setting that is
+best on the controllers' own policy-train split, scored on test), the fair one: a controller is also chosen
+without seeing test. Confidence early exit is the envelope over every (stage, tokens, width) path and threshold.
 """
 
 from __future__ import annotations
@@ -17,35 +24,47 @@ from typing import Any
 
 import numpy as np
 
-from backbone.data import DataError
+from backbone.data import FASHION_MNIST_CLASSES, DataError
 from backbone.fileio import atomic_write, write_json
 from backbone.flops import flops_breakdown
 from backbone.interrupt import EXIT_INTERRUPTED
+from backbone.pareto import front_accuracy_at, pareto_front
 from backbone.settings import Setting
-from envs import get_observation
+from envs import SequentialSteps, get_observation
 from policy.baselines import early_exit, oracle, random_matched
-from policy.config import DEFAULT_POLICY_CONFIG, build_policy_config
+from policy.config import CONTROLLERS, DEFAULT_POLICY_CONFIG, build_policy_config
 from policy.controller import choose_actions, load_ppo
-from policy.evaluation import evaluate_actions
+from policy.evaluation import _mcnemar
+from policy.sequential_rollout import rollout
 from policy.sidecar import check_compatible, resolve_run
-from policy.training import load_backbone_for, outcome_table, train_controller
+from policy.training import load_backbone_for, outcome_table, score_controller, train_controller
 
 TAUS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.01)
 
 
 def find_or_train(
-    cfg_kwargs: dict, penalty: float, given: dict[float, Path], runs_dir: Path, seed: int, task: str = "fmnist"
+    cfg_kwargs: dict,
+    penalty: float,
+    given: dict[tuple, Path],
+    runs_dir: Path,
+    seed: int,
+    task: str = "fmnist",
+    controller: str = "oneshot",
 ) -> Path:
-    """A run folder for ``penalty``: one given with --policies, a finished one in runs_dir, or a new one."""
-    if penalty in given:
-        return given[penalty]
-    run = runs_dir / f"{task}__p{penalty:g}__s{seed}"
+    """A run folder for (controller, penalty, seed): one given with --policies, a finished one in runs_dir, or a
+    new one."""
+    if (controller, penalty, seed) in given:
+        return given[(controller, penalty, seed)]
+    kind = "" if controller == "oneshot" else f"{controller}__"
+    run = runs_dir / f"{task}__{kind}p{penalty:g}__s{seed}"
     if (run / "eval.json").is_file():
         print(f"reusing controller {run}", file=sys.stderr)
         return run
     resume = str(run) if (run / "policy.zip").is_file() else None  # an interrupted earlier run is finished
     print(f"{'finishing' if resume else 'training'} controller for penalty {penalty:g} -> {run}", file=sys.stderr)
-    cfg = build_policy_config(**{**cfg_kwargs, "flops_penalty": penalty, "seed": seed, "out": str(run)})
+    cfg = build_policy_config(
+        **{**cfg_kwargs, "flops_penalty": penalty, "seed": seed, "out": str(run), "controller": controller}
+    )
     train_controller(cfg, resume=resume, progress=False)
     return run
 
@@ -71,46 +90,20 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
     acc = table.accuracy()
     flops = grid.flops
     fixed = grid.table(acc)
-    depth_axis = grid.axis("depth")
-    early = {}
-    for index in np.ndindex(*grid.shape[:depth_axis], *grid.shape[depth_axis + 1 :]):  # every path along depth
-        path = (*index[:depth_axis], slice(None), *index[depth_axis:])
-        first = grid.setting(tuple(0 if isinstance(i, slice) else i for i in path))
-        write = flops_breakdown(model.cfg, first.tokens, 1, first.width, first.stage)
-        label = ("" if first.stage is None else f"s{first.stage}/") + f"{first.tokens}/{first.width}"
-        early[label] = early_exit(table.correct, table.confidence, flops, write["write"] + write["head"], TAUS, path)
+    early = early_exit_paths(model, table)
+    val_acc = outcome_table(model, cfg, cfg.train_split, cfg.train_limit).accuracy()  # for the fair front
 
     given = {}
     for run in args.policies or []:
         _, side = resolve_run(run)
-        given[float(side["flops_penalty"])] = Path(run)
-    penalties = sorted(set(args.penalties) | set(given))
+        given[(side.get("controller", "oneshot"), float(side["flops_penalty"]), int(side["seed"]))] = Path(run)
+    penalties = sorted(set(args.penalties) | {p for _, p, _ in given})
     controllers = []
-    for p in penalties:
-        run = find_or_train(base, p, given, Path(args.runs_dir), args.seed, cfg.task)
-        zip_path, side = resolve_run(run)
-        check_compatible(side, model.checkpoint_sha256, model.grid, table.observation)
-        policy = load_ppo(zip_path).policy
-        reused = get_observation(side["observation"]).reused_flops(model)
-        m = evaluate_actions(table, choose_actions(policy, table.obs), side["controller_flops"], reused)
-        front_acc = m["best_fixed_accuracy_at_same_flops"]
-        rand = random_matched(table.correct, flops, m["mean_flops"], seed=args.seed)
-        controllers.append(
-            {
-                "run": str(run),
-                "flops_penalty": p,
-                "accuracy": m["accuracy"],
-                "mean_flops": m["mean_flops"],
-                "controller_flops": m["controller_flops"],
-                "distinct_settings": m["distinct_settings"],
-                "front_accuracy_at_same_flops": front_acc,
-                "on_or_above_front": bool(m["accuracy"] >= front_acc),
-                "best_fixed_setting_at_same_flops": m["best_fixed_setting_at_same_flops"],
-                "vs_best_fixed_p_value": m["vs_best_fixed_p_value"],
-                "random_matched": rand,
-                "top_settings": dict(list(m["setting_counts"].items())[:5]),
-            }
-        )
+    for kind in args.controllers:
+        for p in penalties:
+            for seed in args.seeds if p == args.headline_penalty else args.seeds[:1]:
+                run = find_or_train(base, p, given, Path(args.runs_dir), seed, cfg.task, kind)
+                controllers.append(score_run(run, model, table, val_acc, early, args.seed))
     return {
         "backbone": str(model.checkpoint_path),
         "backbone_sha256": model.checkpoint_sha256,
@@ -119,36 +112,180 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
         "samples": len(table.labels),
         "observation": table.observation,
         "seed": args.seed,
+        "classes": list(FASHION_MNIST_CLASSES) if cfg.task == "fmnist" else [],
         "command": "python -m policy.ablation " + " ".join(sys.argv[1:]),
         "fixed": fixed,
         "early_exit": early,
+        "early_exit_envelope": envelope(early),
         "oracle": oracle(table.correct, flops),
         "controllers": controllers,
+        "headline": headline(controllers, args.headline_penalty),
+        "iso_accuracy": iso_accuracy(controllers, fixed),
     }
+
+
+def early_exit_paths(model, table) -> dict[str, list[dict]]:
+    """Confidence early exit along every (stage, tokens, width) path, thresholds ``TAUS``, write-outs paid."""
+    grid = table.grid
+    depth_axis = grid.axis("depth")
+    early = {}
+    for index in np.ndindex(*grid.shape[:depth_axis], *grid.shape[depth_axis + 1 :]):  # every path along depth
+        path = (*index[:depth_axis], slice(None), *index[depth_axis:])
+        first = grid.setting(tuple(0 if isinstance(i, slice) else i for i in path))
+        write = flops_breakdown(model.cfg, first.tokens, 1, first.width, first.stage)
+        label = ("" if first.stage is None else f"s{first.stage}/") + f"{first.tokens}/{first.width}"
+        early[label] = early_exit(table.correct, table.confidence, grid.flops, write["write"] + write["head"], TAUS,
+                                  path)  # fmt: skip
+    return early
+
+
+def envelope(early: dict[str, list[dict]]) -> list[dict]:
+    """The best early exit at each cost: the Pareto front of every path's (threshold) points."""
+    points = [{**e, "path": label} for label, rows in early.items() for e in rows]
+    front = pareto_front([e["mean_flops"] for e in points], [e["accuracy"] for e in points])  # cheapest first
+    return [points[i] for i in front]
+
+
+def score_run(run: Path, model, table, val_acc: np.ndarray, early: dict, seed: int) -> dict[str, Any]:
+    """One controller on the test table, next to every baseline at its mean FLOPs."""
+    zip_path, side = resolve_run(run)
+    check_compatible(side, model.checkpoint_sha256, model.grid, table.observation)
+    policy = load_ppo(zip_path).policy
+    kind = side.get("controller", "oneshot")
+    spec = get_observation(side["observation"])
+    steps = SequentialSteps.for_model(model, spec, side["decision_flops"]) if kind == "sequential" else None
+    m = score_controller(policy, table, model, side["observation"], side["controller_flops"], steps)
+    grid, budget = table.grid, m["mean_flops"]
+    # the fair front: the setting best on the controllers' validation split among those within the budget
+    ok = grid.flops <= budget
+    val_idx = tuple(int(i) for i in np.unravel_index(np.where(ok, val_acc, -1.0).argmax(), grid.shape))
+    actions = (rollout(table, steps, lambda o: choose_actions(policy, o)) if steps is not None
+               else choose_actions(policy, table.obs))  # fmt: skip
+    correct = table.correct[(np.arange(len(table)), *tuple(actions.T))]
+    env_pts = envelope(early)
+    early_acc = front_accuracy_at([e["mean_flops"] for e in env_pts], [e["accuracy"] for e in env_pts], budget)
+    return {
+        "run": str(run),
+        "controller": kind,
+        "flops_penalty": float(side["flops_penalty"]),
+        "seed": int(side["seed"]),
+        "accuracy": m["accuracy"],
+        "mean_flops": budget,
+        "controller_flops": m["controller_flops"],
+        "distinct_settings": m["distinct_settings"],
+        "front_accuracy_at_same_flops": m["best_fixed_accuracy_at_same_flops"],
+        "on_or_above_front": bool(m["accuracy"] >= m["best_fixed_accuracy_at_same_flops"]),
+        "best_fixed_setting_at_same_flops": m["best_fixed_setting_at_same_flops"],
+        "vs_best_fixed_p_value": m["vs_best_fixed_p_value"],
+        "validation_fixed_setting": str(grid.setting(val_idx)) if ok.any() else None,
+        "validation_fixed_accuracy": float(table.correct[(slice(None), *val_idx)].mean()) if ok.any() else None,
+        "vs_validation_fixed_p_value": _mcnemar(correct, table.correct[(slice(None), *val_idx)]) if ok.any() else None,
+        "early_exit_accuracy_at_same_flops": early_acc,
+        "random_matched": random_matched(table.correct, grid.flops, budget, seed=seed),
+        "flops_per_image": _per_image_flops(table, actions, m, steps, model, spec),
+        "top_settings": dict(list(m["setting_counts"].items())[:5]),
+    }
+
+
+def _per_image_flops(table, actions, m, steps, model, spec) -> dict[str, list[float]]:
+    """Mean FLOPs per class and per probe-confidence bin (where the compute goes)."""
+    index = tuple(actions.T)
+    reused = spec.reused_flops(model)
+    if steps is None:
+        cost = table.flops[index] - reused[index]
+    else:
+        cost = steps.spent_flops()[index] - steps.reused_flops(reused, spec.continues_probe(model))[index]
+    cost = cost.astype(np.float64) + m["controller_flops"]
+    by_class = [float(cost[table.labels == c].mean()) if (table.labels == c).any() else float("nan")
+                for c in range(int(table.labels.max()) + 1)]  # fmt: skip
+    out = {"by_class": by_class}
+    if spec.probe:
+        conf = table.obs[:, -3]  # the probe's top-1 probability (last three features: top-1, margin, entropy)
+        edges = np.linspace(0.0, 1.0, 11)
+        which = np.clip(np.digitize(conf, edges) - 1, 0, 9)
+        out["by_probe_confidence"] = [float(cost[which == b].mean()) if (which == b).any() else float("nan")
+                                      for b in range(10)]  # fmt: skip
+        out["probe_confidence_images"] = [int((which == b).sum()) for b in range(10)]
+    return out
+
+
+def headline(controllers: list[dict], penalty: float) -> dict[str, Any]:
+    """Mean and spread over seeds of each controller kind at the headline penalty."""
+    out = {}
+    for kind in CONTROLLERS:
+        rows = [r for r in controllers if r["controller"] == kind and r["flops_penalty"] == penalty]
+        if not rows:
+            continue
+        acc = np.array([r["accuracy"] for r in rows])
+        fl = np.array([r["mean_flops"] for r in rows])
+        out[kind] = {
+            "penalty": penalty,
+            "seeds": [r["seed"] for r in rows],
+            "accuracy_mean": float(acc.mean()),
+            "accuracy_sd": float(acc.std(ddof=1)) if len(rows) > 1 else 0.0,
+            "mean_flops_mean": float(fl.mean()),
+            "front_accuracy": [r["front_accuracy_at_same_flops"] for r in rows],
+            "vs_best_fixed_p_value": [r["vs_best_fixed_p_value"] for r in rows],
+            "above_front_all_seeds": all(r["on_or_above_front"] for r in rows),
+        }
+    return out
+
+
+def iso_accuracy(controllers: list[dict], fixed: list[dict]) -> list[dict]:
+    """Controllers within 0.1 points of the full setting: their saving vs full and vs the cheapest fixed setting at
+    least as accurate as the controller."""
+    full = max(fixed, key=lambda r: r["flops"])
+    rows = []
+    for r in controllers:
+        if r["accuracy"] < full["accuracy"] - 0.001:
+            continue
+        as_good = [f for f in fixed if f["accuracy"] >= r["accuracy"]]
+        cheapest = min(as_good, key=lambda f: f["flops"]) if as_good else None
+        keys = ("controller", "flops_penalty", "seed", "accuracy", "mean_flops")
+        rows.append(
+            {k: r[k] for k in keys}
+            | {
+                "saving_vs_full": 1 - r["mean_flops"] / full["flops"],
+                "cheapest_fixed_as_accurate": None if cheapest is None else str(Setting.of_row(cheapest)),
+                "saving_vs_cheapest_fixed_as_accurate": None
+                if cheapest is None
+                else 1 - r["mean_flops"] / cheapest["flops"],
+            }
+        )
+    return rows
 
 
 def write_markdown(result: dict[str, Any], path: Path) -> None:
     full = max(result["fixed"], key=lambda r: r["flops"])
     fmt = lambda f: f"{f / 1e6:.2f}"  # noqa: E731
+    pct = lambda v: "n/a" if v is None else f"{v:.2%}"  # noqa: E731
     lines = [
         f"# Ablation on `{result['split']}` ({result['samples']} images)",
         "",
         f"Command: `{result['command']}`  ",
         f"Backbone sha256 `{result['backbone_sha256'][:16]}...`, observation `{result['observation']}`, "
-        f"seed {result['seed']}. FLOPs per image; controllers include their own overhead.",
+        f"random-baseline seed {result['seed']}. FLOPs per image; controllers include their own overhead (features, "
+        "networks, and for the sequential one every write-out it looks at and every decision).",
+        "",
+        "Fronts at the controller's mean FLOPs: *test front* = best test accuracy of any fixed setting that cheap (a "
+        "max over hundreds of noisy estimates, biased up); *validation-selected* = the fixed setting best on "
+        "policy-train within the budget, scored on test (chosen the way a controller is: without test). *Early "
+        "exit* = the envelope of confidence early exit over every (stage, tokens, width) path and threshold.",
         "",
         "## Controllers",
         "",
-        "| penalty | accuracy | MFLOPs | saving vs full | fixed front at same FLOPs | on/above front | McNemar p vs "
-        "best fixed | random @ same FLOPs | settings used |",
-        "|---:|---:|---:|---:|---:|:---:|---:|---:|---:|",
+        "| controller | penalty | seed | accuracy | MFLOPs | saving vs full | test front | McNemar p | "
+        "validation-selected fixed | McNemar p | early exit | random @ same FLOPs | settings |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["controllers"]:
         rand = r["random_matched"]
         lines.append(
-            f"| {r['flops_penalty']:g} | {r['accuracy']:.2%} | {fmt(r['mean_flops'])} | "
-            f"{1 - r['mean_flops'] / full['flops']:.1%} | {r['front_accuracy_at_same_flops']:.2%} | "
-            f"{'yes' if r['on_or_above_front'] else 'no'} | {_p(r['vs_best_fixed_p_value'])} | "
+            f"| {r['controller']} | {r['flops_penalty']:g} | {r['seed']} | {r['accuracy']:.2%} | "
+            f"{fmt(r['mean_flops'])} | {1 - r['mean_flops'] / full['flops']:.1%} | "
+            f"{pct(r['front_accuracy_at_same_flops'])} | {_p(r['vs_best_fixed_p_value'])} | "
+            f"{pct(r['validation_fixed_accuracy'])} ({r['validation_fixed_setting']}) | "
+            f"{_p(r['vs_validation_fixed_p_value'])} | {pct(r['early_exit_accuracy_at_same_flops'])} | "
             f"{'n/a' if rand is None else format(rand['accuracy'], '.2%')} | {r['distinct_settings']} |"
         )
     o = result["oracle"]
@@ -157,20 +294,37 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         f"Full setting: {full['accuracy']:.2%} at {fmt(full['flops'])} MFLOPs. "
         f"Oracle (cheapest correct setting): {o['accuracy']:.2%} at {fmt(o['mean_flops'])} MFLOPs.",
         "",
-        "## Confidence early exit (tokens = max, width = max)",
+        "## Headline penalty over seeds",
         "",
-        "| tau | accuracy | MFLOPs |",
-        "|---:|---:|---:|",
+        "| controller | penalty | seeds | accuracy (mean +- sd) | MFLOPs (mean) | test front per seed | McNemar p per "
+        "seed | above the test front in every seed |",
+        "|---|---:|---|---:|---:|---|---|:---:|",
     ]
-    key = list(result["early_exit"])[-1]
-    lines += [f"| {e['tau']:g} | {e['accuracy']:.2%} | {fmt(e['mean_flops'])} |" for e in result["early_exit"][key]]
-    lines += [
-        "",
-        "## Fixed-setting Pareto front",
-        "",
-        "| setting | MFLOPs | accuracy |",
-        "|---|---:|---:|",
-    ]
+    for kind, h in result["headline"].items():
+        lines.append(
+            f"| {kind} | {h['penalty']:g} | {', '.join(map(str, h['seeds']))} | {h['accuracy_mean']:.2%} +- "
+            f"{h['accuracy_sd']:.2%} | {fmt(h['mean_flops_mean'])} | "
+            f"{', '.join(pct(a) for a in h['front_accuracy'])} | {', '.join(_p(p) for p in h['vs_best_fixed_p_value'])}"
+            f" | {'yes' if h['above_front_all_seeds'] else 'no'} |"
+        )
+    lines += ["", "## Iso-accuracy: controllers within 0.1 points of the full setting", ""]
+    if result["iso_accuracy"]:
+        lines += ["| controller | penalty | seed | accuracy | MFLOPs | saving vs full | cheapest fixed as accurate | "
+                  "saving vs it |", "|---|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
+        for r in result["iso_accuracy"]:
+            sv = r["saving_vs_cheapest_fixed_as_accurate"]
+            lines.append(
+                f"| {r['controller']} | {r['flops_penalty']:g} | {r['seed']} | {r['accuracy']:.2%} | "
+                f"{fmt(r['mean_flops'])} | {r['saving_vs_full']:.1%} | {r['cheapest_fixed_as_accurate'] or 'none'} | "
+                f"{'n/a' if sv is None else format(sv, '.1%')} |"
+            )
+    else:
+        lines.append("None of the controllers is within 0.1 points of the full setting.")
+    lines += ["", "## Confidence early exit: the envelope over every path", "", "| path | tau | accuracy | MFLOPs |",
+              "|---|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| {e['path']} | {e['tau']:g} | {e['accuracy']:.2%} | {fmt(e['mean_flops'])} |"
+              for e in result["early_exit_envelope"]]  # fmt: skip
+    lines += ["", "## Fixed-setting Pareto front", "", "| setting | MFLOPs | accuracy |", "|---|---:|---:|"]
     lines += [
         f"| {Setting.of_row(r)} | {fmt(r['flops'])} | {r['accuracy']:.2%} |"
         for r in sorted((r for r in result["fixed"] if r["pareto"]), key=lambda r: r["flops"])
@@ -183,71 +337,85 @@ def _p(p: float | None) -> str:
     return "n/a" if p is None else f"{p:.2g}"
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
+def _figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    return plt
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Accuracy against mean FLOPs: the fixed settings and their front, early exit, random, oracle, controllers."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(8.5, 5.5), dpi=120)
     fixed = result["fixed"]
-    ax.scatter(
-        [r["flops"] / 1e6 for r in fixed], [100 * r["accuracy"] for r in fixed], s=10, c="0.7", label="fixed settings"
-    )
+    ax.scatter([r["flops"] / 1e6 for r in fixed], [100 * r["accuracy"] for r in fixed], s=8, c="0.75",
+               label="fixed settings")  # fmt: skip
     front = sorted((r for r in fixed if r["pareto"]), key=lambda r: r["flops"])
-    ax.step(
-        [r["flops"] / 1e6 for r in front],
-        [100 * r["accuracy"] for r in front],
-        where="post",
-        c="k",
-        lw=1,
-        label="fixed-setting Pareto front",
-    )
-    key = list(result["early_exit"])[-1]
-    ee = result["early_exit"][key]
-    ax.plot(
-        [e["mean_flops"] / 1e6 for e in ee],
-        [100 * e["accuracy"] for e in ee],
-        "-o",
-        ms=3,
-        c="tab:blue",
-        label=f"confidence early exit ({key} tokens/width, tau swept)",
-    )
+    ax.step([r["flops"] / 1e6 for r in front], [100 * r["accuracy"] for r in front], where="post", c="k", lw=1,
+            label="fixed-setting front (test)")  # fmt: skip
+    ee = result["early_exit_envelope"]
+    ax.step([e["mean_flops"] / 1e6 for e in ee], [100 * e["accuracy"] for e in ee], where="post", c="tab:blue",
+            lw=1.2, label="confidence early exit (best path, tau swept)")  # fmt: skip
     o = result["oracle"]
     ax.scatter([o["mean_flops"] / 1e6], [100 * o["accuracy"]], marker="*", s=140, c="tab:green", label="oracle")
-    rand = [r["random_matched"] for r in result["controllers"] if r["random_matched"]]
-    ax.scatter(
-        [r["mean_flops"] / 1e6 for r in rand],
-        [100 * r["accuracy"] for r in rand],
-        marker="x",
-        c="tab:purple",
-        label="random settings at matched FLOPs",
-    )
     ctrl = result["controllers"]
-    ax.scatter(
-        [r["mean_flops"] / 1e6 for r in ctrl],
-        [100 * r["accuracy"] for r in ctrl],
-        s=50,
-        c="tab:red",
-        zorder=5,
-        label="PPO controllers (overhead included)",
-    )
-    for r in ctrl:
-        ax.annotate(
-            f"p={r['flops_penalty']:g}",
-            (r["mean_flops"] / 1e6, 100 * r["accuracy"]),
-            fontsize=7,
-            xytext=(4, -10),
-            textcoords="offset points",
-        )
+    rand = [r["random_matched"] for r in ctrl if r["random_matched"]]
+    ax.scatter([r["mean_flops"] / 1e6 for r in rand], [100 * r["accuracy"] for r in rand], marker="x",
+               c="tab:purple", label="random settings at matched FLOPs")  # fmt: skip
+    for kind, color, marker in (("oneshot", "tab:red", "o"), ("sequential", "tab:orange", "s")):
+        rows = sorted((r for r in ctrl if r["controller"] == kind), key=lambda r: r["mean_flops"])
+        if not rows:
+            continue
+        ax.plot([r["mean_flops"] / 1e6 for r in rows], [100 * r["accuracy"] for r in rows], marker=marker, ms=6,
+                c=color, lw=1, zorder=5, label=f"PPO {kind} controller (overhead included)")  # fmt: skip
+        for r in rows:
+            if r["seed"] == min(x["seed"] for x in rows):
+                at = (r["mean_flops"] / 1e6, 100 * r["accuracy"])
+                offset = (4, -9 if kind == "oneshot" else 5)
+                ax.annotate(f"p={r['flops_penalty']:g}", at, fontsize=6, xytext=offset, textcoords="offset points",
+                            color=color)  # fmt: skip
     ax.set_xscale("log")
     ys = [100 * r["accuracy"] for r in front] + [100 * r["accuracy"] for r in ctrl]
-    ax.set_ylim(max(0, min(ys) - 3), min(100, max([*ys, 100 * o["accuracy"]]) + 1))
+    ax.set_ylim(max(0, min(ys) - 2), min(100, max([*ys, 100 * o["accuracy"]]) + 1))
     ax.set_xlabel("mean MFLOPs per image (log scale)")
     ax.set_ylabel(f"top-1 accuracy on {result['split']} (%)")
-    ax.set_title("Accuracy vs compute")
+    ax.set_title("Accuracy vs compute: controllers over the penalty sweep")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def plot_allocation(result: dict[str, Any], path: Path, penalty: float, classes: list[str] | None = None) -> None:
+    """Where the compute goes at ``penalty``: mean FLOPs per class, and against the probe's top-1 probability."""
+    rows = {r["controller"]: r for r in result["controllers"] if r["flops_penalty"] == penalty and r["seed"] == 0}
+    if not rows:
+        return
+    plt = _figure()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    n_classes = len(next(iter(rows.values()))["flops_per_image"]["by_class"])
+    names = classes if classes and len(classes) == n_classes else [str(c) for c in range(n_classes)]
+    width = 0.8 / len(rows)
+    for i, (kind, r) in enumerate(sorted(rows.items())):
+        f = r["flops_per_image"]
+        left.bar(np.arange(n_classes) + i * width, np.array(f["by_class"]) / 1e6, width, label=kind)
+        if "by_probe_confidence" in f:
+            centers = np.linspace(0.05, 0.95, 10)
+            keep = np.array(f["probe_confidence_images"]) > 0
+            right.plot(centers[keep], np.array(f["by_probe_confidence"])[keep] / 1e6, "-o", ms=4, label=kind)
+    left.set_xticks(np.arange(n_classes) + 0.4 - width / 2, names, rotation=45, ha="right", fontsize=7)
+    left.set_ylabel("mean MFLOPs per image")
+    left.set_title(f"FLOPs per class (penalty {penalty:g})")
+    left.legend(fontsize=7)
+    right.set_xlabel("probe's top-1 probability (bins of 0.1)")
+    right.set_ylabel("mean MFLOPs per image")
+    right.set_title("FLOPs against the probe's confidence")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
@@ -259,17 +427,34 @@ def main(argv: list[str] | None = None) -> int:
         "--penalties",
         type=float,
         nargs="+",
-        default=[0.01, 0.03, 0.1, 0.3],
-        help="FLOPs penalties of the controllers to compare (default: 0.01 0.03 0.1 0.3)",
+        default=[0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+        help="FLOPs penalties of the controllers to compare, spanning the front (default: 0.003 0.01 0.03 0.1 0.3 1)",
     )
+    parser.add_argument(
+        "--controllers",
+        nargs="+",
+        choices=list(CONTROLLERS),
+        default=list(CONTROLLERS),
+        help="controller kinds to train and score at every penalty (default: both)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="controller seeds at the headline penalty (the first one at every other penalty); e.g. 0 1 2",
+    )
+    parser.add_argument("--headline-penalty", type=float, default=0.3, help="penalty whose row gets every seed")
     parser.add_argument("--policies", nargs="*", help="existing run folders to use (their penalty is read from them)")
     parser.add_argument("--backbone", help="backbone .safetensors (default: the shipped checkpoint)")
     parser.add_argument("--config", default=str(DEFAULT_POLICY_CONFIG), help="PolicyConfig YAML for new controllers")
     parser.add_argument("--timesteps", type=int, help="PPO timesteps of newly trained controllers")
-    parser.add_argument("--seed", type=int, default=0, help="seed of new controllers and of the random baseline")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     parser.add_argument("--runs-dir", default="runs/ablation", help="where missing controllers are trained")
     parser.add_argument(
-        "--out", help="folder for ablation.json, ablation.md, pareto.png (default: a new RUNS_DIR/report__<time>)"
+        "--out",
+        help="folder for ablation.json, ablation.md, pareto.png, compute_allocation.png (default: a new "
+        "RUNS_DIR/report__<time>)",
     )
     parser.add_argument("--data", help="fmnist (default) or an image-folder root ROOT/<split>/<class>/<image>")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder")
@@ -299,8 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out / "ablation.json", result, indent=1)
     write_markdown(result, out / "ablation.md")
     plot(result, out / "pareto.png")
+    plot_allocation(result, out / "compute_allocation.png", args.headline_penalty, result.get("classes"))
     print((out / "ablation.md").read_text().split("## Confidence")[0])
-    print(f"wrote {out / 'ablation.json'}, {out / 'ablation.md'}, {out / 'pareto.png'}")
+    print(f"wrote {out / 'ablation.json'}, {out / 'ablation.md'}, {out / 'pareto.png'}, "
+          f"{out / 'compute_allocation.png'}")  # fmt: skip
     return 0
 
 

@@ -26,6 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(DEFAULT_POLICY_CONFIG),
         help="YAML file with PolicyConfig defaults (default: %(default)s)",
     )
+    p.add_argument(
+        "--controller",
+        choices=["oneshot", "sequential"],
+        help="oneshot (default): the whole setting from cheap features in one decision; sequential: stage, tokens "
+        "and width first, then after every block stop or go on, seeing the running prediction (each look and "
+        "decision is charged its FLOPs)",
+    )
     p.add_argument("--backbone", help="backbone .safetensors (default: the shipped Fashion-MNIST backbone)")
     p.add_argument(
         "--data",
@@ -86,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_policy_config(
             args.config,
             flops_penalty=args.flops_penalty,
+            controller=args.controller,
             backbone=args.backbone,
             data=args.data,
             data_dir=args.data_dir,

@@ -13,6 +13,7 @@ from backbone.settings_io import build_dataclass, load_yaml, merge
 
 DEFAULT_POLICY_CONFIG = packaged_file("configs", "policy.yaml")
 REWARDS = ("correct", "neg_ce")
+CONTROLLERS = ("oneshot", "sequential")
 WANDB_MODES = ("disabled", "offline", "online")
 
 
@@ -21,6 +22,7 @@ class PolicyConfig:
     """Everything that decides a controller run; saved as ``config.yaml`` in the run folder."""
 
     flops_penalty: float = 0.3  # reward = correct - penalty * FLOPs(setting) / FLOPs(full)
+    controller: str = "oneshot"  # oneshot: the whole setting from cheap features | sequential: then stop/go per block
     backbone: str | None = None  # backbone .safetensors (None = the shipped checkpoint)
     data: str | None = None  # task: None/fmnist (Fashion-MNIST) or an image-folder root ROOT/<split>/<class>/<image>
     data_dir: str | None = None  # Fashion-MNIST folder (None = $ADAPERCEIVER_DATA_DIR or Debian's path)
@@ -62,6 +64,8 @@ class PolicyConfig:
             raise ValueError(f"--flops-penalty must be >= 0, got {self.flops_penalty}")
         if self.reward not in REWARDS:
             raise ValueError(f"--reward must be one of {list(REWARDS)}, got {self.reward!r}")
+        if self.controller not in CONTROLLERS:
+            raise ValueError(f"--controller must be one of {list(CONTROLLERS)}, got {self.controller!r}")
         if self.wandb not in WANDB_MODES:
             raise ValueError(f"--wandb must be one of {list(WANDB_MODES)}, got {self.wandb!r}")
         if self.vec_env not in ("dummy", "subproc"):
@@ -71,8 +75,10 @@ class PolicyConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def run_name(self) -> str:
-        """cleanrl-style ``{task}__p{penalty}__s{seed}__{time}`` (task: ``fmnist`` or the image folder's name)."""
-        return f"{self.task}__p{self.flops_penalty:g}__s{self.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+        """cleanrl-style ``{task}__[sequential__]p{penalty}__s{seed}__{time}`` (task: ``fmnist`` or the image
+        folder's name)."""
+        kind = "" if self.controller == "oneshot" else f"{self.controller}__"
+        return f"{self.task}__{kind}p{self.flops_penalty:g}__s{self.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
 
     @property
     def task(self) -> str:

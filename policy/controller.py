@@ -7,6 +7,7 @@ so that is what :func:`actor_flops` counts; the value network is training-only.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from pathlib import Path
 
@@ -25,6 +26,13 @@ def actor_flops(policy: ActorCriticPolicy) -> int:
     return sum(
         2 * m.in_features * m.out_features for part in modules for m in part.modules() if isinstance(m, nn.Linear)
     )
+
+
+def mlp_actor_flops(obs_dim: int, net_arch: list[int], logits: int) -> int:
+    """:func:`actor_flops` of an SB3 ``MlpPolicy`` with hidden sizes ``net_arch`` before it is built (an
+    environment that charges each decision needs the figure first)."""
+    sizes = [obs_dim, *net_arch, logits]
+    return sum(2 * a * b for a, b in itertools.pairwise(sizes))
 
 
 def choose_actions(policy: ActorCriticPolicy, obs: torch.Tensor | np.ndarray) -> np.ndarray:

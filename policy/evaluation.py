@@ -12,7 +12,11 @@ from backbone.pareto import front_accuracy_at
 
 
 def evaluate_actions(
-    table, actions: np.ndarray, controller_flops: int, reused_flops: np.ndarray | None = None
+    table,
+    actions: np.ndarray,
+    controller_flops: int,
+    reused_flops: np.ndarray | None = None,
+    setting_flops: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Metrics of choosing ``actions[i]`` (a setting index of ``table.grid``) for sample ``i`` of ``table``.
 
@@ -20,6 +24,8 @@ def evaluate_actions(
     ``reused_flops[index]``, the part of a setting that the controller's probe already computed
     (``ObservationSpec.reused_flops``; adaptive inference continues from the probe instead of redoing it). The
     best fixed setting is the most accurate one whose FLOPs are <= that mean (the fixed setting pays no overhead).
+    ``setting_flops`` (grid shape) prices an action when running it costs more than the setting itself (a sequential
+    controller's exit also pays the write-outs it looked at and its decisions); default ``table.flops``.
     """
     actions = np.asarray(actions, dtype=np.int64)
     n = len(table.labels)
@@ -31,7 +37,10 @@ def evaluate_actions(
     reused = np.zeros(table.flops.shape, np.int64) if reused_flops is None else np.asarray(reused_flops)
     if reused.shape != table.flops.shape:
         raise ValueError(f"reused_flops has shape {reused.shape}, the settings grid {table.flops.shape}")
-    backbone_flops = (table.flops[index] - reused[index]).astype(np.float64)
+    priced = table.flops if setting_flops is None else np.asarray(setting_flops)
+    if priced.shape != table.flops.shape:
+        raise ValueError(f"setting_flops has shape {priced.shape}, the settings grid {table.flops.shape}")
+    backbone_flops = (priced[index] - reused[index]).astype(np.float64)
     mean_flops = float(backbone_flops.mean() + controller_flops)
     fixed_acc = table.correct.mean(0)  # grid.shape
     full = table.grid.full_index

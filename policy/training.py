@@ -23,11 +23,12 @@ from backbone.data import load_split
 from backbone.data_source import resolve_data
 from backbone.fileio import write_json
 from backbone.settings_io import dump_yaml
-from envs import OutcomeTable, get_observation, load_or_build, make_vec_env
+from envs import OutcomeTable, SequentialSteps, get_observation, load_or_build, make_vec_env
 from policy.config import PolicyConfig
-from policy.controller import actor_flops, choose_actions, load_ppo, save_ppo_atomic
+from policy.controller import actor_flops, choose_actions, load_ppo, mlp_actor_flops, save_ppo_atomic
 from policy.evaluation import evaluate_actions
 from policy.run_folder import PROGRESS, TIMING, ResumableCSV, Timing
+from policy.sequential_rollout import evaluate_sequential
 from policy.sidecar import POLICY_ZIP, SIDECAR, check_compatible, resolve_run, versions, write_sidecar
 
 
@@ -132,6 +133,13 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
     t_tables = time.perf_counter() - t0
     torch.set_num_threads(1)  # the controller MLP is tiny: one thread is fastest and keeps runs reproducible
 
+    spec = get_observation(cfg.observation)
+    sequential = cfg.controller == "sequential"
+    steps = SequentialSteps.for_model(model, spec) if sequential else None
+    episode: dict[str, Any] = {}
+    if sequential:  # each stop/go decision is charged the decision network's FLOPs, known before it is built
+        episode["decision_flops"] = mlp_actor_flops(steps.dim, list(cfg.net_arch), sum(steps.action_nvec))
+        steps = SequentialSteps.for_model(model, spec, episode["decision_flops"])
     vec = make_vec_env(
         n_envs=cfg.n_envs,
         seed=cfg.seed,
@@ -142,11 +150,17 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
         reward=cfg.reward,
         observation=cfg.observation,
         table=train_table,
+        controller=cfg.controller,
+        **episode,
     )
     grid = model.grid
     if resume:
         zip_path, sidecar = resolve_run(resume)
         check_compatible(sidecar, model.checkpoint_sha256, grid, cfg.observation)
+        if sidecar.get("controller", "oneshot") != cfg.controller:
+            raise ValueError(
+                f"{resume} holds a {sidecar.get('controller', 'oneshot')} controller, not {cfg.controller}"
+            )
         ppo = load_ppo(zip_path, env=vec, device=cfg.device)
     else:
         ppo = PPO(
@@ -166,14 +180,18 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
             policy_kwargs={"net_arch": {"pi": list(cfg.net_arch), "vf": list(cfg.net_arch)}},
             device=cfg.device,
         )
-    controller_flops = int(train_table.obs_flops) + actor_flops(ppo.policy)
+    if sequential and actor_flops(ppo.policy) != episode["decision_flops"]:
+        raise RuntimeError(f"decision network has {actor_flops(ppo.policy)} FLOPs, the env charged {episode}")
+    controller_flops = int(train_table.obs_flops) + actor_flops(ppo.policy)  # observation + (first) decision
     sidecar_base = {
         "backbone_path": None if cfg.backbone is None else str(Path(cfg.backbone).resolve()),  # None = shipped
         "backbone_sha256": model.checkpoint_sha256,
         "data": None if cfg.task == "fmnist" else str(Path(cfg.data).expanduser().resolve()),  # None = fmnist
         "grid": grid.to_json(),
         "observation": cfg.observation,
-        "obs_dim": int(train_table.obs.shape[1]),
+        "controller": cfg.controller,
+        **episode,
+        "obs_dim": int(steps.dim if sequential else train_table.obs.shape[1]),
         "obs_flops": int(train_table.obs_flops),
         "actor_flops": actor_flops(ppo.policy),
         "controller_flops": controller_flops,
@@ -219,10 +237,10 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
     for writer in writers:
         writer.close()
 
-    reused = get_observation(cfg.observation).reused_flops(model)
-    metrics = evaluate_actions(eval_table, choose_actions(ppo.policy, eval_table.obs), controller_flops, reused)
+    metrics = score_controller(ppo.policy, eval_table, model, cfg.observation, controller_flops, steps)
     metrics = {
         "split": cfg.eval_split,
+        "controller": cfg.controller,
         "flops_penalty": cfg.flops_penalty,
         "seed": cfg.seed,
         "timesteps": int(ppo.num_timesteps),
@@ -236,6 +254,17 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
     return out, metrics
 
 
+def score_controller(policy, table: OutcomeTable, model, observation: str, controller_flops: int,
+                     steps: SequentialSteps | None = None) -> dict[str, Any]:  # fmt: skip
+    """The controller's deterministic choices on ``table``, scored (one-shot, or sequential when ``steps``)."""
+    spec = get_observation(observation)
+    reused = spec.reused_flops(model)
+    decide = lambda obs: choose_actions(policy, obs)  # noqa: E731
+    if steps is None:
+        return evaluate_actions(table, decide(table.obs), controller_flops, reused)
+    return evaluate_sequential(table, steps, decide, controller_flops, reused, spec.continues_probe(model))
+
+
 def _init_wandb(cfg: PolicyConfig, out: Path):
     if cfg.wandb == "disabled":
         return None
@@ -246,4 +275,11 @@ def _init_wandb(cfg: PolicyConfig, out: Path):
     )
 
 
-__all__ = ["CheckpointError", "ControllerInterrupted", "load_backbone_for", "outcome_table", "train_controller"]
+__all__ = [
+    "CheckpointError",
+    "ControllerInterrupted",
+    "load_backbone_for",
+    "outcome_table",
+    "score_controller",
+    "train_controller",
+]

@@ -51,6 +51,8 @@ def planted_table(model, split: str, n: int, seed: int) -> OutcomeTable:
         loss=np.where(correct, 0.1, 3.0).astype(np.float32),
         pred=np.where(correct, labels.reshape(per_sample), ((labels + 1) % 10).reshape(per_sample)).astype(np.int16),
         confidence=np.where(correct, 0.9, 0.4).astype(np.float32),
+        margin=np.where(correct, 0.8, 0.1).astype(np.float32),
+        entropy=np.where(correct, 0.4, 1.8).astype(np.float32),
         labels=labels,
         obs=obs,
         grid=model.grid,
@@ -124,20 +126,117 @@ def test_mean_flops_falls_as_the_penalty_rises(planted) -> None:
     assert means[0] > means[1] > means[2], means
 
 
-def test_shipped_controller_beats_random_settings_at_matched_flops() -> None:
-    """On the real default backbone: the committed p = 0.3 controller (docs/results/demo_p0.3), run for real on
+@pytest.fixture(scope="module")
+def shipped_outcomes() -> dict:
+    """2,000 test images of the default backbone and every setting's outcome on them (one sweep, shared)."""
+    from backbone.checkpoint import DEFAULT_BACKBONE
+    from backbone.sweep import sweep
+
+    data = load_split("test").subset(2000)
+    model = load_backbone(DEFAULT_BACKBONE)
+    images, labels = data.as_float(), data.labels
+    return {"images": images, "labels": labels, "grid": model.grid,
+            "correct": sweep(model, images, labels, progress=False).correct}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("run", "measured"),
+    [("demo_p0.3", "89.85% vs 88.11% (a random policy: -0.2)"), ("sequential_p0.3", "90.10% vs 88.47%")],
+)
+def test_shipped_controller_beats_random_settings_at_matched_flops(shipped_outcomes, run, measured) -> None:
+    """On the real default backbone: a committed p = 0.3 controller (one-shot and sequential), run for real on
     2,000 test images, is clearly more accurate than random settings spending the same mean FLOPs (the
     maximum-entropy distribution at that budget, scored in expectation on the same images' outcomes)."""
-    from backbone.sweep import sweep
-    from policy import AdaptiveClassifier
+    from policy import load_classifier
     from policy.baselines import random_matched
 
-    clf = AdaptiveClassifier.load(REPO / "docs" / "results" / "demo_p0.3")
-    data = load_split("test").subset(2000)  # measured: 89.85% vs 88.11% for random settings (a random policy: -0.2)
-    images, labels = data.as_float(), data.labels
-    pred = clf.predict(images)
-    accuracy = float((pred.labels == labels).float().mean())
+    clf = load_classifier(REPO / "docs" / "results" / run)
+    out = shipped_outcomes
+    pred = clf.predict(out["images"])
+    accuracy = float((pred.labels == out["labels"]).float().mean())
     budget = float(pred.flops.mean())  # controller overhead included: the random settings get at least as much
-    correct = sweep(clf.backbone, images, labels, progress=False).correct
-    random = random_matched(correct, clf.backbone.grid.flops, budget)
-    assert random is not None and accuracy - random["expected_accuracy"] >= 0.01, (accuracy, random, budget)
+    random = random_matched(out["correct"], out["grid"].flops, budget)
+    assert random is not None and accuracy - random["expected_accuracy"] >= 0.01, (accuracy, random, budget, measured)
+
+
+# --- the sequential controller -----------------------------------------------------------------------------------
+FIRST_RIGHT_DEPTH = (1, 4, 8)  # a sample is right from one of these depths on, drawn uniformly
+
+
+def planted_depth_table(model, split: str, n: int, seed: int) -> OutcomeTable:
+    """A planted table only a sequential controller can exploit: the observation is pure noise, a sample is
+    classified right exactly from its depth in :data:`FIRST_RIGHT_DEPTH` on, and only with the most latent tokens
+    (any stage and width); the running prediction shows it (top-1 probability 0.95 when right,
+    0.35 when wrong)."""
+    dataset = load_split(split).subset(n)
+    template = OutcomeTable.build(model, dataset.subset(4), split, OBSERVATION, progress=False)
+    rng = np.random.default_rng(seed)
+    difficulty = np.array(FIRST_RIGHT_DEPTH)[rng.integers(0, len(FIRST_RIGHT_DEPTH), n)] - 1  # depth index
+    depth_axis = model.grid.axis("depth")
+    depth_index = np.arange(len(model.grid.depths)).reshape([-1 if a == depth_axis else 1
+                                                              for a in range(model.grid.ndim)])  # fmt: skip
+    per_sample = (-1,) + (1,) * model.grid.ndim
+    most_tokens = np.zeros(model.grid.shape, bool)  # only settings with the most latent tokens can be right
+    most_tokens[tuple(-1 if a == model.grid.axis("tokens") else slice(None) for a in range(model.grid.ndim))] = True
+    correct = (depth_index[None] >= difficulty.reshape(per_sample)) & most_tokens[None]
+    labels = dataset.labels.numpy()
+    return OutcomeTable(
+        correct=correct,
+        loss=np.where(correct, 0.1, 3.0).astype(np.float32),
+        pred=np.where(correct, labels.reshape(per_sample), ((labels + 1) % 10).reshape(per_sample)).astype(np.int16),
+        confidence=np.where(correct, 0.95, 0.35).astype(np.float32),
+        margin=np.where(correct, 0.9, 0.05).astype(np.float32),
+        entropy=np.where(correct, 0.3, 2.0).astype(np.float32),
+        labels=labels,
+        obs=rng.normal(0.0, 0.3, (n, template.obs.shape[1])).astype(np.float32),
+        grid=model.grid,
+        obs_flops=template.obs_flops,
+        backbone_sha256=backbone_identity(model),
+        split=split,
+        observation=OBSERVATION,
+        data_sha256=dataset_sha256(dataset),
+    )
+
+
+def test_sequential_ppo_learns_to_stop_when_the_prediction_is_right(tmp_path) -> None:
+    """No one-shot choice can tell the samples apart (best fixed: every sample with the most tokens to the last
+    depth); the optimum takes the most tokens at the cheapest stage and width and stops each sample at its first
+    right depth. The sequential controller, trained through ``train_controller``, must get
+    >= 90% of the optimum's expected reward and close >= 75% of its gap to the best fixed setting. The default
+    task's architecture (random weights: only its grid and FLOPs matter), so that a block costs what it does there
+    relative to a write-out and a decision."""
+    from envs import SequentialSteps, get_observation
+    from policy.sequential_rollout import rollout
+
+    path = tmp_path / "backbone.safetensors"
+    save_backbone(create_model("adaperceiver_fmnist_stages"), path)
+    model = load_backbone(path)
+    cache = tmp_path / "cache"
+    tables = {}
+    for split, n, seed in (("policy-train", N_TRAIN, 0), ("test", N_EVAL, 1)):
+        tables[split] = planted_depth_table(model, split, n, seed)
+        tables[split].save(table_path(cache, backbone_identity(model), split, OBSERVATION, n))
+    penalty = 1.0
+    config = tmp_path / "policy.yaml"
+    fast = {"n_envs": 8, "n_steps": 64, "batch_size": 128, "n_epochs": 10, "learning_rate": 3.0e-3,
+            "timesteps": 40960, "net_arch": [32, 32]}  # fmt: skip
+    config.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "configs/policy.yaml").read_text()), **fast}))
+    cfg = build_policy_config(config, backbone=str(path), cache_dir=str(cache), out=str(tmp_path / "run"),
+                              train_limit=N_TRAIN, eval_limit=N_EVAL, flops_penalty=penalty,
+                              controller="sequential")  # fmt: skip
+    out, metrics = train_controller(cfg, progress=False)
+    policy = load_ppo(out / "policy.zip").policy
+    side = yaml.safe_load((out / "policy.json").read_text())
+    steps = SequentialSteps.for_model(model, get_observation(OBSERVATION), side["decision_flops"])
+    test = tables["test"]
+    reward = test.correct.astype(float) - penalty * steps.spent_flops()[None] / model.grid.full_flops  # (n, *grid)
+    flat = reward.reshape(N_EVAL, -1)
+    optimum = flat.max(1).mean()  # each sample stopped at its first right depth, at the cheapest tokens and width
+    fixed = (test.correct.astype(float) - penalty * test.flops[None] / model.grid.full_flops).reshape(N_EVAL, -1)
+    best_fixed = fixed.mean(0).max()  # one setting for every sample (no write-outs or decisions to pay)
+    actions = rollout(test, steps, lambda o: choose_actions(policy, o))
+    got = reward[(np.arange(N_EVAL), *actions.T)].mean()
+    assert optimum - best_fixed > 0.1  # stopping per sample is worth a lot here
+    assert got >= 0.9 * optimum, (got, optimum, best_fixed)
+    assert got - best_fixed >= 0.75 * (optimum - best_fixed), (got, optimum, best_fixed)
+    assert metrics["accuracy"] == pytest.approx(test.correct[(np.arange(N_EVAL), *actions.T)].mean())

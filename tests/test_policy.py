@@ -291,6 +291,13 @@ def test_infer_cli_on_png_files(run: Path, images: torch.Tensor, tmp_path) -> No
 # --- ablation and benchmark ----------------------------------------------------------------------------------------
 
 
+def _parse(label: str) -> tuple:
+    """``"g/d/w"`` or ``"sS/g/d/w"`` -> Setting fields (tokens, depth, width, stage)."""
+    parts = label.split("/")
+    stage = int(parts.pop(0)[1:]) if parts[0].startswith("s") else None
+    return (*map(int, parts), stage)
+
+
 def test_ablation_end_to_end(work, run: Path, tmp_path) -> None:
     out = tmp_path / "ablation"
     r = _cli("-m", "policy.ablation", "--backbone", str(work["backbone"]), "--penalties", "0.3", "1.0", "--policies",
@@ -299,9 +306,14 @@ def test_ablation_end_to_end(work, run: Path, tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     result = json.loads((out / "ablation.json").read_text())
     assert len(result["fixed"]) == 27
-    assert [c["flops_penalty"] for c in result["controllers"]] == [0.3, 1.0]
-    assert result["controllers"][0]["run"] == str(run)  # the given run is used, the missing one trained
+    oneshot = [c for c in result["controllers"] if c["controller"] == "oneshot"]
+    sequential = [c for c in result["controllers"] if c["controller"] == "sequential"]
+    assert [c["flops_penalty"] for c in oneshot] == [c["flops_penalty"] for c in sequential] == [0.3, 1.0]
+    assert result["controllers"][0]["run"] == str(run)  # the given run is used, the missing ones trained
     assert (tmp_path / "runs" / "fmnist__p1__s0" / "policy.zip").is_file()
+    assert (tmp_path / "runs" / "fmnist__sequential__p0.3__s0" / "policy.zip").is_file()
+    for name in ("ablation.md", "pareto.png", "compute_allocation.png"):
+        assert (out / name).is_file(), name
     given = json.loads((run / "eval.json").read_text())  # the same controller scored on the same table
     assert result["controllers"][0]["accuracy"] == given["accuracy"]
     assert result["controllers"][0]["mean_flops"] == pytest.approx(given["mean_flops"])
@@ -313,6 +325,22 @@ def test_ablation_end_to_end(work, run: Path, tmp_path) -> None:
     assert result["oracle"]["mean_flops"] == pytest.approx(np.mean(cheapest))
     assert [f["accuracy"] for f in result["fixed"]] == pytest.approx(table.accuracy().ravel().tolist())
     assert [f["pareto"] for f in result["fixed"]] == [r["pareto"] for r in table.grid.table(table.accuracy())]
+    # the validation-selected fixed setting: the best on policy-train among those within the controller's FLOPs
+    val = load_or_build(load_backbone(work["backbone"]), "policy-train", dataset=load_split("policy-train").subset(300),
+                        cache_dir=work["cache"], progress=False).accuracy()  # fmt: skip
+    for c in result["controllers"]:
+        within = [(val[i], i) for i in table.grid.indices() if table.flops[i] <= c["mean_flops"]]
+        if within:
+            best = max(within, key=lambda t: t[0])
+            assert val[table.grid.index(Setting(*_parse(c["validation_fixed_setting"])))] == best[0]
+        # early exit at the same FLOPs: the best of every path's thresholds within the budget (brute force)
+        ok = [
+            e["accuracy"] for rows in result["early_exit"].values() for e in rows if e["mean_flops"] <= c["mean_flops"]
+        ]
+        if ok:
+            assert c["early_exit_accuracy_at_same_flops"] == max(ok)
+        else:
+            assert np.isnan(c["early_exit_accuracy_at_same_flops"])
     assert all(len(v) == 13 for v in result["early_exit"].values())
     md = (out / "ablation.md").read_text()
     assert "## Controllers" in md and "Oracle" in md and "early exit" in md
