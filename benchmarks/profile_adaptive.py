@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from backbone.allocator import reuse_freed_memory
 from backbone.data_source import resolve_data
 from backbone.interrupt import exits_cleanly_on_ctrl_c
 from policy.adaptive import AdaptiveClassifier
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: the usual search)")
     parser.add_argument("--out", help="also write the report to this text file")
     args = parser.parse_args(argv)
+    reuse_freed_memory()  # as the inference commands do
     try:
         clf = AdaptiveClassifier.load(args.policy)
         source = resolve_data(resolve_run(args.policy)[1].get("data"), args.data_dir)
