@@ -27,6 +27,9 @@ from backbone.interrupt import exits_cleanly_on_ctrl_c
 from policy.adaptive import AdaptiveClassifier
 from policy.sidecar import resolve_run
 
+# predict's phases: embedding + probe + controller, then per group the stem continuation, read, blocks and write
+PHASES = r"\((predict|embed|run_probe|choose|continue_embed|read_latents|_run_blocks|forward_head)\)"
+
 
 def _run_all(clf: AdaptiveClassifier, images: torch.Tensor, batch: int) -> None:
     with torch.inference_mode():
@@ -49,7 +52,10 @@ def profile_tables(clf: AdaptiveClassifier, images: torch.Tensor, batch: int, ro
     _run_all(clf, images, batch)
     profiler.disable()
     stream = io.StringIO()
-    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(rows)
+    stats = pstats.Stats(profiler, stream=stream)
+    stats.sort_stats("tottime").print_stats(rows)
+    phases = io.StringIO()  # where predict's time goes, phase by phase (cumulative, profiler overhead included)
+    pstats.Stats(profiler, stream=phases).sort_stats("cumulative").print_stats(PHASES)
     return (
         f"{len(images)} images, batch {batch}, {torch.get_num_threads()} threads, torch {torch.__version__}\n"
         f"unprofiled: {len(images) / seconds:.0f} images/s ({1e3 * seconds / len(images) * batch:.2f} ms/batch)\n"
@@ -58,6 +64,8 @@ def profile_tables(clf: AdaptiveClassifier, images: torch.Tensor, batch: int, ro
         + events.table(sort_by="self_cpu_time_total", row_limit=rows)
         + "\n## cProfile, Python functions by own time\n\n"
         + stream.getvalue()
+        + "\n## cProfile, the phases of predict by cumulative time\n\n"
+        + phases.getvalue()
     )
 
 
