@@ -66,6 +66,7 @@ results: install
 	$(PY) -m benchmarks.bench_env --json $(RESULTS)/bench_env.json
 	$(PY) -m benchmarks.bench_train_step --model adaperceiver_fmnist_stages --json $(RESULTS)/bench_train_step.json
 	for i in 1 2 3; do $(PY) -m policy.benchmark --policy $(RESULTS)/demo_p0.3 --json $(RESULTS)/bench_adaptive_p0.3/run$$i.json; done
+	for b in 256 1; do $(PY) -m benchmarks.profile_adaptive --policy $(RESULTS)/demo_p0.3 --batch-size $$b --out $(RESULTS)/profile/after_batch$$b.txt; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

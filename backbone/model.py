@@ -18,6 +18,7 @@ them (the probe of the controller and the setting it then picks share this work)
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -167,7 +168,7 @@ class AdaPerceiver(nn.Module):
             raise ValueError(f"expected float images scaled to [0, 1], got dtype {x.dtype}")
         if x.shape[0] == 0:
             raise ValueError("empty batch")
-        if not torch.isfinite(x).all():
+        if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():  # one reduction when all is well
             raise ValueError("input contains NaN or infinite values")
 
     def resolve_stage(self, stage: int | None) -> int:
@@ -190,14 +191,21 @@ class AdaPerceiver(nn.Module):
         features = self.stem.features(x, 0, stage)
         return self._memory(self.stem.tokens(features, stage), features, stage)
 
-    def continue_embed(self, memory: PatchMemory, stage: int | None = None) -> PatchMemory:
-        """The memory of a deeper ``stage``, continuing the stem from ``memory``'s feature map (nothing redone)."""
+    def continue_embed(
+        self, memory: PatchMemory, stage: int | None = None, rows: torch.Tensor | None = None
+    ) -> PatchMemory:
+        """The memory of a deeper ``stage``, continuing the stem from ``memory``'s feature map (nothing redone).
+
+        ``rows`` continues only those rows of the batch, gathering the feature map alone (the tokens and keys/values
+        of the shallower stage are not needed).
+        """
         stage = self.resolve_stage(stage)
         if memory.stage == stage:
-            return memory
+            return memory if rows is None else memory[rows]
         if memory.features is None or memory.stage is None or memory.stage > stage:
             raise ValueError(f"cannot continue a stage-{memory.stage} memory to stage {stage}")
-        features = self.stem.features(memory.features, memory.stage, stage)
+        features = memory.features if rows is None else memory.features[rows]
+        features = self.stem.features(features, memory.stage, stage)
         return self._memory(self.stem.tokens(features, stage), features, stage)
 
     def embed_per_sample(self, x: torch.Tensor, stages: torch.Tensor) -> PatchMemory:
@@ -285,9 +293,17 @@ class AdaPerceiver(nn.Module):
             raise ValueError(f"need 0 <= start <= stop <= {self.cfg.depth}, got start={start}, stop={stop}")
         hidden = self._hidden(w, latents.shape[0])
         mask = self._latent_mask(g)
-        for block in self.blocks[start:stop]:
+        for block in itertools.islice(self.blocks, start, stop):  # slicing a ModuleList builds a new module
             latents = block(latents, self.rope, mask, hidden)
         return latents
+
+    def forward_block_unchecked(self, latents: torch.Tensor, index: int, hidden: int) -> torch.Tensor:
+        """Block ``index`` (0-based) at ``hidden`` MLP units (``cfg.hidden_dim(width)``), without validation.
+
+        The hot path of adaptive inference, whose settings come from the grid: at batch 1 the checks of
+        :meth:`forward_blocks` cost about as much as the block.
+        """
+        return self.blocks[index](latents, self.rope, self._latent_mask(latents.shape[1]), hidden)
 
     def forward_block_mixed_widths(
         self, latents: torch.Tensor, index: int, widths: Sequence[int] | np.ndarray

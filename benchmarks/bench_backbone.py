@@ -16,37 +16,16 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
 from backbone import AdaPerceiver, create_model, load_backbone
+from backbone.allocator import reuse_freed_memory
 from backbone.fileio import write_json
 from backbone.interrupt import exits_cleanly_on_ctrl_c
 from backbone.settings import Setting
-
-
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def matmul_gflops(n: int, repeats: int) -> float:
-    """fp32 GFLOP/s of an ``n x n @ n x n`` matmul (2 n^3 FLOPs)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
-    with torch.inference_mode():
-        seconds = median_seconds(lambda: torch.mm(a, b, out=out), repeats, warmup=2)
-    return 2 * n**3 / seconds / 1e9
+from benchmarks.timing import matmul_gflops, median_seconds
 
 
 def pick_settings(model: AdaPerceiver) -> dict[str, Setting]:
@@ -87,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    reuse_freed_memory()
 
     try:
         model = load_backbone(args.checkpoint) if args.checkpoint else create_model(args.model)

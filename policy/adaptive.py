@@ -91,7 +91,7 @@ class AdaptiveClassifier:
                 continue
             # one stem continuation per deeper stage: from the probe stage's feature map, nothing redone
             deeper = stage != memory.stage
-            mem = model.continue_embed(memory[torch.from_numpy(in_stage)], stage) if deeper else memory
+            mem = model.continue_embed(memory, stage, torch.from_numpy(in_stage)) if deeper else memory
             for g in np.unique(setting.tokens[in_stage]).tolist():
                 rows = in_stage[setting.tokens[in_stage] == g]
                 local = np.searchsorted(in_stage, rows) if deeper else rows  # rows of `mem`
@@ -112,29 +112,42 @@ class AdaptiveClassifier:
     ) -> torch.Tensor:
         """Each row through blocks ``1..depth[i]`` at ``widths[i]`` (rows with ``past_block1`` skip block 1).
 
-        Rows are sorted deepest first, so the rows still running are always a prefix of the batch: each block
-        runs once, on exactly the rows that need it (early exit without masking or wasted rows).
+        One pass per width, so every MLP runs on one contiguous batch at its sliced width (mixing widths in a
+        batch made each block gather and scatter rows around its MLP). Within a width, rows are sorted deepest
+        first, so the rows still running are always a prefix: each block runs once, on exactly the rows that
+        need it (early exit without masking or wasted rows).
         """
-        order = np.argsort(-depth, kind="stable")
-        depth, widths, past_block1 = depth[order], widths[order], past_block1[order]
-        z = latents[torch.from_numpy(order)]
-        final = torch.empty_like(z)
+        out = torch.empty_like(latents)
+        for width in np.unique(widths).tolist():
+            rows = np.flatnonzero(widths == width)
+            rows = rows[np.argsort(-depth[rows], kind="stable")]
+            whole = len(rows) == len(latents) and bool((rows == np.arange(len(rows))).all())
+            index = None if whole else torch.from_numpy(rows)
+            z = latents if index is None else latents[index]
+            final = self._early_exit(z, depth[rows], self.backbone.cfg.hidden_dim(width), past_block1[rows])
+            if index is None:
+                out = final
+            else:
+                out[index] = final
+        return out
+
+    def _early_exit(self, z: torch.Tensor, depth: np.ndarray, hidden: int, past_block1: np.ndarray) -> torch.Tensor:
+        """Rows of one width, sorted deepest first, through blocks ``1..depth[i]``; the latents each exits with."""
+        model = self.backbone
+        final = torch.empty_like(z) if depth[-1] < depth[0] else None  # None: all exit after the last block
         for d in range(1, int(depth[0]) + 1):
-            alive = int((depth >= d).sum())
+            alive = int(np.count_nonzero(depth >= d))
             z = z[:alive]
             if d == 1 and past_block1.any():
                 todo = torch.from_numpy(np.flatnonzero(~past_block1[:alive]))
                 if len(todo):
-                    z[todo] = self.backbone.forward_block_mixed_widths(z[todo], 0, widths[todo.numpy()])
+                    z[todo] = model.forward_block_unchecked(z[todo], 0, hidden)
             else:
-                z = self.backbone.forward_block_mixed_widths(z, d - 1, widths[:alive])
-            exit_now = depth[:alive] == d
-            if exit_now.any():
-                lo = int(np.argmax(exit_now))  # the rows exiting here are the tail of the running prefix
+                z = model.forward_block_unchecked(z, d - 1, hidden)
+            if final is not None and depth[alive - 1] == d:
+                lo = int(np.argmax(depth[:alive] == d))  # the rows exiting here are the tail of the running prefix
                 final[lo:alive] = z[lo:alive]
-        out = torch.empty_like(final)
-        out[torch.from_numpy(order)] = final
-        return out
+        return z if final is None else final
 
 
 def _as_batch(images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:

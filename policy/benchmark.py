@@ -6,6 +6,7 @@ For each batch size: images/s of ``AdaptiveClassifier.predict`` (observation, co
 the plain full-setting forward on the same test images, timed back to back in each of ``--repeats`` paired passes
 (after a warm-up); the speedup is the median of the per-pass ratios, shown next to the FLOPs ratio full / adaptive
 (controller overhead included). Pairing matters on a shared machine, whose speed drifts by tens of percent.
+The machine's fp32 matmul rate is measured in the same run, so the full setting's GFLOP/s can be read against it.
 Prints a table and writes JSON."""
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ from pathlib import Path
 
 import torch
 
+from backbone.allocator import reuse_freed_memory
 from backbone.data import DataError
 from backbone.data_source import resolve_data
 from backbone.fileio import write_json
 from backbone.interrupt import exits_cleanly_on_ctrl_c
+from benchmarks.timing import matmul_gflops
 from policy.adaptive import AdaptiveClassifier
+from policy.load_run import load_classifier
+from policy.sequential_inference import SequentialClassifier
 from policy.sidecar import resolve_run
 
 
@@ -37,7 +42,9 @@ def _throughput(fn: Callable[[torch.Tensor], object], images: torch.Tensor, batc
         return len(images) / (time.perf_counter() - t0)
 
 
-def benchmark(clf: AdaptiveClassifier, images: torch.Tensor, batch_sizes: list[int], repeats: int) -> dict:
+def benchmark(
+    clf: AdaptiveClassifier | SequentialClassifier, images: torch.Tensor, batch_sizes: list[int], repeats: int
+) -> dict:
     full_flops = clf.grid.full_flops
     with torch.inference_mode():
         adaptive_flops = float(clf.predict(images).flops.mean())
@@ -60,6 +67,7 @@ def benchmark(clf: AdaptiveClassifier, images: torch.Tensor, batch_sizes: list[i
                 "adaptive_mean_flops": adaptive_flops,
                 "batch_size": batch,
                 "full_img_s": statistics.median(full),
+                "full_gflops_per_s": statistics.median(full) * full_flops / 1e9,
                 "adaptive_img_s": statistics.median(adaptive),
                 "speedup": speedup,
                 "speedup_min": min(speedups),
@@ -97,12 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data-dir", help="Fashion-MNIST folder")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers reading image folders")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square fp32 matmul (default 2048)")
     parser.add_argument("--json", default=None, help="output JSON (default: <policy>/benchmark.json)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    reuse_freed_memory()
     try:
-        clf = AdaptiveClassifier.load(args.policy)
+        clf = load_classifier(args.policy)
         source = resolve_data(args.data or resolve_run(args.policy)[1].get("data"), args.data_dir)
         source.check_backbone(clf.backbone)
         if source.builtin:
@@ -114,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    matmul = matmul_gflops(args.matmul_size, args.repeats)
     results = []
     for batch in args.batch_sizes:
         subset = images[: args.limit_batch1] if batch == 1 else images
@@ -121,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         **results[0],
         "rows": [r for res in results for r in res["rows"]],
+        "matmul_size": args.matmul_size,
+        "matmul_gflops_per_s": matmul,
         "policy": args.policy,
         "split": args.split,
         "repeats": args.repeats,
@@ -130,13 +143,18 @@ def main(argv: list[str] | None = None) -> int:
         f"adaptive mean {out['adaptive_mean_flops'] / 1e6:.2f} MFLOPs/image vs full {out['full_flops'] / 1e6:.2f}"
         f" ({out['threads']} threads, torch {out['torch']}, median of {args.repeats})"
     )
-    print("| batch | full img/s | adaptive img/s | speedup (min-max) | FLOPs ratio | speedup / FLOPs ratio |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print(f"fp32 matmul ({args.matmul_size}^2): {matmul:.1f} GFLOP/s")
+    print(
+        "| batch | full img/s | full % of matmul | adaptive img/s | speedup (min-max) | FLOPs ratio "
+        "| speedup / FLOPs ratio |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in out["rows"]:
+        r["full_fraction_of_matmul"] = r["full_gflops_per_s"] / matmul
         print(
-            f"| {r['batch_size']} | {r['full_img_s']:.0f} | {r['adaptive_img_s']:.0f} | {r['speedup']:.2f}x "
-            f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {r['flops_ratio']:.2f}x | "
-            f"{r['speedup_over_flops_ratio']:.0%} |"
+            f"| {r['batch_size']} | {r['full_img_s']:.0f} | {r['full_fraction_of_matmul']:.1%} | "
+            f"{r['adaptive_img_s']:.0f} | {r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | "
+            f"{r['flops_ratio']:.2f}x | {r['speedup_over_flops_ratio']:.0%} |"
         )
     path = Path(args.json) if args.json else Path(args.policy) / "benchmark.json"
     write_json(path, out, indent=1)

@@ -288,6 +288,34 @@ def test_infer_cli_on_png_files(run: Path, images: torch.Tensor, tmp_path) -> No
     assert bad.returncode != 0 and "cannot read image" in bad.stderr
 
 
+def test_infer_streams_a_folder_through_workers(run: Path, images: torch.Tensor, tmp_path) -> None:
+    """A nested folder, several batches read by 2 worker processes: results in file order, equal to predicting the
+    whole batch at once, and a summary with both paths' images/s and the agreement with the full setting."""
+    folder = tmp_path / "many"
+    n = 37  # not a multiple of the batch size: the last batch is short
+    for i in range(n):
+        (folder / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((images[i, 0].numpy() * 255).astype(np.uint8)).save(folder / f"c{i % 3}" / f"{i:03d}.png")
+    r = _cli("-m", "policy.infer", "--policy", str(run), str(folder), "--batch-size", "8", "--workers", "2",
+             "--quiet", "--json", str(tmp_path / "out.json"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "out.json").read_text())
+    order = sorted(range(n), key=lambda i: (f"c{i % 3}", f"{i:03d}"))
+    assert [Path(x["file"]).name for x in rows] == [f"{i:03d}.png" for i in order]
+    clf = AdaptiveClassifier.load(run)
+    x = images[torch.tensor(order)]
+    expected = clf.predict(x)
+    assert [x["label"] for x in rows] == expected.labels.tolist()
+    assert [Setting(**x["setting"]) for x in rows] == expected.settings
+    agree = (clf.backbone(x).argmax(-1) == expected.labels).float().mean().item()
+    assert f"same label as full on {agree:.1%}" in r.stdout
+    assert "images/s vs full setting" in r.stdout and "\t" not in r.stdout  # --quiet: the summary only
+    bad = folder / "c0" / "zz_broken.png"
+    bad.write_bytes(b"not a png")
+    r = _cli("-m", "policy.infer", "--policy", str(run), str(folder), "--workers", "2", "--no-full")
+    assert r.returncode == 2 and f"cannot read image {bad}" in r.stderr
+
+
 # --- ablation and benchmark ----------------------------------------------------------------------------------------
 
 
@@ -350,10 +378,13 @@ def test_ablation_end_to_end(work, run: Path, tmp_path) -> None:
 def test_benchmark_end_to_end(run: Path, tmp_path) -> None:
     path = tmp_path / "bench.json"
     r = _cli("-m", "policy.benchmark", "--policy", str(run), "--limit", "64", "--limit-batch1", "8", "--repeats", "1",
-             "--json", str(path))  # fmt: skip
+             "--matmul-size", "128", "--json", str(path))  # fmt: skip
     assert r.returncode == 0, r.stderr
     result = json.loads(path.read_text())
     assert [row["batch_size"] for row in result["rows"]] == [256, 1]
+    for row in result["rows"]:
+        rate = row["full_img_s"] * result["full_flops"] / 1e9
+        assert row["full_fraction_of_matmul"] == pytest.approx(rate / result["matmul_gflops_per_s"])
     for row in result["rows"]:
         ratios = [a / f for a, f in zip(row["adaptive_img_s_runs"], row["full_img_s_runs"], strict=True)]
         assert len(ratios) == 1 and row["speedup"] == pytest.approx(statistics.median(ratios))

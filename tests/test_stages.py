@@ -73,6 +73,18 @@ def test_continuing_the_stem_equals_running_the_stage(model, images) -> None:
             model.continue_embed(model.embed(images, 3), 0)
 
 
+def test_continuing_some_rows_equals_running_them_alone(model, images) -> None:
+    """``continue_embed(memory, stage, rows)`` (the feature map gathered alone) equals embedding those images."""
+    rows = torch.tensor([3, 0, 5])
+    with torch.no_grad():
+        first = model.embed(images, 0)
+        for stage in (0, 2, 3):
+            part = model.continue_embed(first, stage, rows)
+            direct = model.embed(images[rows], stage)
+            for got, want in ((part.tokens, direct.tokens), (part.k, direct.k), (part.v, direct.v)):
+                torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
 def test_per_sample_stages_equal_per_stage_runs(model, images) -> None:
     stages = torch.tensor([1, 3, 0, 2] * (len(images) // 4))
     with torch.no_grad():
