@@ -1,9 +1,10 @@
 """Compute-saving inference with a sequential controller: rows leave the block loop when their controller says stop.
 
 For a batch: embed once and compute the one-shot observation (running the probe); the controller picks each
-image's stage, tokens and width. Per (stage, tokens) group the latents are read once and go through the blocks
-with widths mixed; after each block the running prediction is written out, its statistics become the step's
-observation, and the rows the controller stops keep that prediction and leave the batch. Rows at the probe's stage,
+image's stage, tokens and width. Per (stage, tokens) the latents are read once, then each width's rows go through
+the blocks as one batch; after each block the running predictions are written out, their statistics become the
+step's observations (one decision call for every running row), and the rows the controller stops keep that
+prediction and leave the batch. Rows at the probe's stage,
 tokens and width start from the probe's latents and logits (its read, block 1 and write-out are not redone).
 
 FLOPs per image = ``SequentialSteps.spent_flops`` at the exit (every write-out looked at and every decision) - the
@@ -67,53 +68,67 @@ class SequentialClassifier:
         base = self.spec.compute(model, memory, None if probe is None else probe[1]).cpu().numpy()
         choice = self._decide(steps.first(base))[:, :-1].astype(np.int64)
         n = len(x)
-        at_depth1 = self.grid.values(np.stack(steps.setting_index(choice, np.ones(n, np.int64)), axis=1))
-        cont = self.continues_probe[steps.setting_index(choice, np.ones(n, np.int64))]
+        first = steps.setting_index(choice, np.ones(n, np.int64))
+        at_depth1 = self.grid.values(np.stack(first, axis=1))
+        cont = self.continues_probe[first]
         stages = at_depth1.stage if at_depth1.stage is not None else np.full(n, memory.stage)
-        logits = memory.tokens.new_empty(n, model.cfg.num_classes)
-        depth = np.zeros(n, np.int64)
+        groups = []  # (rows, latents after block d, logits after block d, MLP hidden units): one per setting path
         for stage in np.unique(stages).tolist():
             in_stage = np.flatnonzero(stages == stage)
-            deeper = stage != memory.stage
-            mem = model.continue_embed(memory[torch.from_numpy(in_stage)], stage) if deeper else memory
+            deeper = stage != memory.stage  # continue the stem from the probe stage's feature map, those rows only
+            mem = model.continue_embed(memory, stage, torch.from_numpy(in_stage)) if deeper else memory
             for g in np.unique(at_depth1.tokens[in_stage]).tolist():
-                rows = in_stage[at_depth1.tokens[in_stage] == g]
-                local = np.searchsorted(in_stage, rows) if deeper else rows  # rows of `mem`
-                z = memory.tokens.new_empty(len(rows), g, model.cfg.embed_dim)
-                first = memory.tokens.new_empty(len(rows), model.cfg.num_classes)
-                c = cont[rows]
-                if c.any():  # the probe's latents after block 1 and its prediction
-                    z[c], first[c] = probe[0][rows[c]], probe[1][rows[c]]
-                if not c.all():
-                    fresh = model.read_latents(mem[torch.from_numpy(local[~c])], g)
-                    z[~c] = model.forward_block_mixed_widths(fresh, 0, at_depth1.width[rows[~c]])
-                    first[~c] = model.forward_head(z[~c])
-                self._run_group(rows, z, first, base, choice, at_depth1.width, logits, depth)
+                of_g = in_stage[at_depth1.tokens[in_stage] == g]
+                fresh = of_g[~cont[of_g]]  # rows on the probe's path take its latents and prediction instead
+                local = np.searchsorted(in_stage, fresh) if deeper else fresh  # rows of `mem`
+                read = model.read_latents(mem[torch.from_numpy(local)], g) if len(fresh) else None  # one per (s, g)
+                for width in np.unique(at_depth1.width[of_g]).tolist():
+                    rows, hidden = of_g[at_depth1.width[of_g] == width], model.cfg.hidden_dim(width)
+                    c = cont[rows]
+                    if c.all():
+                        z, first = probe[0][torch.from_numpy(rows)], probe[1][torch.from_numpy(rows)]
+                    else:  # no row of a width other than the probe's continues it
+                        z = model.forward_block_unchecked(read[torch.from_numpy(np.flatnonzero(np.isin(fresh, rows)))],
+                                                          0, hidden)  # fmt: skip
+                        first = model.forward_head(z)
+                    groups.append((rows, z, first, hidden))
+        logits = memory.tokens.new_empty(n, model.cfg.num_classes)
+        depth = self._exit_steps(groups, base, choice, logits)
         actions = np.stack(steps.setting_index(choice, depth), axis=1)
         index = tuple(actions.T)
         flops = self.spent_flops[index] - self.reused_flops[index] + self.controller_flops
         return Prediction(logits.argmax(-1), logits, self.grid.settings(actions), actions, flops)
 
-    def _run_group(self, rows, z, running_logits, base, choice, widths, logits_out, depth_out) -> None:
-        """Blocks 2.. for one (stage, tokens) group, each row leaving when the controller stops it."""
+    def _exit_steps(self, groups: list, base: np.ndarray, choice: np.ndarray, logits_out: torch.Tensor) -> np.ndarray:
+        """Blocks 2.. of every group; after each block one decision for every running row. Returns exit depths."""
         model, steps = self.backbone, self.steps
         last = len(self.grid.depths)
-        previous: tuple[np.ndarray, np.ndarray] | None = None
+        depth = np.zeros(len(base), np.int64)
+        previous_stats = np.zeros((len(base), 3), np.float32)
+        previous_pred = np.zeros(len(base), np.int64)
         for d in range(1, last + 1):
-            stop = np.ones(len(rows), bool)
+            rows = np.concatenate([g[0] for g in groups])
+            running = torch.cat([g[2] for g in groups])
             if d < last:
-                stats = prediction_stats(running_logits).cpu().numpy()
-                pred = running_logits.argmax(-1).cpu().numpy()
+                stats = prediction_stats(running).cpu().numpy()
+                pred = running.argmax(-1).cpu().numpy()
                 obs = steps.after_block(base[rows], choice[rows], np.full(len(rows), d), stats,
-                                        None if previous is None else previous[0],
-                                        None if previous is None else previous[1] == pred)  # fmt: skip
+                                        None if d == 1 else previous_stats[rows],
+                                        None if d == 1 else previous_pred[rows] == pred)  # fmt: skip
                 stop = self._decide(obs)[:, -1] == STOP
-                previous = (stats[~stop], pred[~stop])
-            logits_out[rows[stop]] = running_logits[torch.from_numpy(stop)]
-            depth_out[rows[stop]] = d
-            go = torch.from_numpy(~stop)
-            rows, z = rows[~stop], z[go]
-            if len(rows) == 0:
-                return
-            z = model.forward_block_mixed_widths(z, d, widths[rows])
-            running_logits = model.forward_head(z)
+                previous_stats[rows], previous_pred[rows] = stats, pred
+            else:
+                stop = np.ones(len(rows), bool)
+            logits_out[torch.from_numpy(rows[stop])] = running[torch.from_numpy(stop)]
+            depth[rows[stop]] = d
+            going, at = [], 0
+            for g_rows, z, _, hidden in groups:
+                go = ~stop[at : at + len(g_rows)]
+                at += len(g_rows)
+                if go.any():
+                    z = model.forward_block_unchecked(z[torch.from_numpy(go)], d, hidden)
+                    going.append((g_rows[go], z, model.forward_head(z), hidden))
+            groups = going
+            if not groups:
+                break
+        return depth

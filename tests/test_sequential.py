@@ -219,6 +219,44 @@ def test_sequential_inference_runs_what_the_table_scored(sequential_run):
     assert counted.get_total_flops() == sum(pred.flops[i] for i in some) - elementwise
 
 
+def test_rows_on_the_probe_path_reuse_it_and_every_row_equals_running_alone(sequential_run):
+    """A scripted controller (a fixed rule on the observation) sends about half the images down the probe's own path
+    (its stage, tokens and width) and stops rows at every depth: predictions still equal each image run alone at its
+    exit setting, and FLOPs, with the probe's read, block and write-out not counted twice, equal FlopCounterMode."""
+    from backbone.flops import flop_counter
+    from backbone.prediction_stats import stats_flops
+    from envs.observations import _pooled_flops
+    from policy.sequential_inference import SequentialClassifier
+
+    clf = SequentialClassifier.load(sequential_run)
+    dims = clf.steps.action_nvec
+
+    def scripted(obs: np.ndarray) -> np.ndarray:
+        key = (np.abs(obs).sum(1) * 1000).astype(np.int64)  # deterministic, depends on the image and the step
+        actions = np.stack([key % n for n in dims], axis=1)
+        actions[key % 2 == 0, :-1] = 0  # the probe's path: stage, tokens and width index 0
+        return actions
+
+    clf._decide = scripted
+    x = load_split("test").subset(60).as_float()
+    pred = clf.predict(x)
+    on_probe_path = clf.continues_probe[tuple(pred.actions.T)]
+    assert 10 < on_probe_path.sum() < 50 and len({s.depth for s in pred.settings}) == len(clf.grid.depths)
+    with torch.no_grad():
+        for i in range(60):
+            torch.testing.assert_close(pred.logits[i : i + 1], clf.backbone(x[i : i + 1], *pred.settings[i]),
+                                       rtol=1e-4, atol=1e-5)  # fmt: skip
+    per_stats = stats_flops(clf.backbone.cfg.num_classes)
+    decisions = sum(int(clf.steps.decisions(s.depth)) for s in pred.settings)
+    elementwise = 60 * (_pooled_flops(clf.backbone) + per_stats) + decisions * per_stats
+    with flop_counter() as counted:
+        for i in range(60):
+            clf.predict(x[i : i + 1])
+    # the scripted rule has no network: the actor FLOPs the prices include did not run
+    actor = (60 + decisions) * clf.steps.decision_flops
+    assert counted.get_total_flops() == int(pred.flops.sum()) - elementwise - actor
+
+
 def test_a_oneshot_run_is_refused_by_sequential_inference(sequential_run, tmp_path):
     import json
     import shutil
