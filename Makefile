@@ -59,13 +59,16 @@ RESULTS := docs/results
 results: install
 	$(PY) -m backbone.evaluate --split test --out $(RESULTS) --compare $(RESULTS)/previous_default/eval_test.json
 	$(PY) -m backbone.read_attention --json $(RESULTS)/read_attention_test.json
-	rm -rf runs/ablation $(RESULTS)/demo_p0.3
+	rm -rf runs/ablation $(RESULTS)/demo_p0.3 $(RESULTS)/sequential_p0.3
 	ADAPERCEIVER_CACHE_DIR=$$(mktemp -d) $(PY) train_policy.py --flops-penalty 0.3 --seed 0 --out $(RESULTS)/demo_p0.3 --no-progress
-	$(PY) -m policy.ablation --penalties 0.01 0.03 0.1 0.3 --policies $(RESULTS)/demo_p0.3 --out $(RESULTS)
+	$(PY) -m policy.ablation --penalties 0.003 0.01 0.03 0.1 0.3 1 --controllers oneshot sequential --seeds 0 1 2 \
+		--policies $(RESULTS)/demo_p0.3 --out $(RESULTS)
+	cp -r runs/ablation/fmnist__sequential__p0.3__s0 $(RESULTS)/sequential_p0.3
 	$(PY) -m benchmarks.bench_backbone --model adaperceiver_fmnist_stages --json $(RESULTS)/bench_backbone.json
 	$(PY) -m benchmarks.bench_env --json $(RESULTS)/bench_env.json
 	$(PY) -m benchmarks.bench_train_step --model adaperceiver_fmnist_stages --json $(RESULTS)/bench_train_step.json
 	for i in 1 2 3; do $(PY) -m policy.benchmark --policy $(RESULTS)/demo_p0.3 --json $(RESULTS)/bench_adaptive_p0.3/run$$i.json; done
+	for i in 1 2 3; do $(PY) -m policy.benchmark --policy $(RESULTS)/sequential_p0.3 --json $(RESULTS)/bench_sequential_p0.3/run$$i.json; done
 	for b in 256 1; do $(PY) -m benchmarks.profile_adaptive --policy $(RESULTS)/demo_p0.3 --batch-size $$b --out $(RESULTS)/profile/after_batch$$b.txt; done
 
 clean:
