@@ -49,10 +49,16 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """Run in the child before exec: SIGINT back to its default action. A test run started in the background
+    (``pytest &`` in a script) inherits SIGINT *ignored*, and Python then installs no Ctrl-C handler at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_and_stop(setup: dict[str, Path], run: Path, sig: int) -> subprocess.CompletedProcess:
     """Start a run, wait until a policy checkpoint exists and PPO has logged past it, then send ``sig``."""
     proc = subprocess.Popen(_args(setup, "--out", str(run)), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_as_in_a_terminal)  # fmt: skip
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if (run / "policy.zip").is_file() and len(_timesteps(run)) >= 12:
@@ -121,7 +127,8 @@ def test_ctrl_c_during_backbone_training_says_how_to_resume(tmp_path: Path) -> N
     run = tmp_path / "backbone_run"
     args = [sys.executable, "-m", "backbone.train", "model=adaperceiver_test", "epochs=1", "batch_size=8",
             "limit_train=4000", "checkpoint_every=10", "monitor_samples=0", "--out", str(run)]  # fmt: skip
-    proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and not (run / "train_state.pt").is_file():
         time.sleep(0.05)
