@@ -60,6 +60,23 @@ def table_of(model, dataset, split: str, correct: np.ndarray, obs: np.ndarray, o
     )
 
 
+def planted_setup(root: Path, model_name: str, make_table, fast: dict) -> dict:
+    """A ``model_name`` backbone on disk, its planted policy-train/test tables (``make_table``) in a fresh table cache
+    and a fast PPO config (``fast`` on top of small rollouts and a [32, 32] network)."""
+    path = root / "backbone.safetensors"
+    save_backbone(create_model(model_name), path)
+    model = load_backbone(path)
+    cache = root / "cache"
+    tables = {}
+    for split, n, seed in (("policy-train", N_TRAIN, 0), ("test", N_EVAL, 1)):
+        tables[split] = make_table(model, split, n, seed)
+        tables[split].save(table_path(cache, backbone_identity(model), split, OBSERVATION, n))
+    config = root / "policy.yaml"
+    small = {"n_envs": 8, "n_steps": 64, "batch_size": 128, "n_epochs": 10, "net_arch": [32, 32]}
+    config.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "configs/policy.yaml").read_text()), **small, **fast}))
+    return {"root": root, "backbone": path, "model": model, "cache": cache, "config": config, "tables": tables}
+
+
 def planted_table(model, split: str, n: int, seed: int) -> OutcomeTable:
     """An outcome table of the first ``n`` images of ``split`` whose correctness is planted (module docstring)."""
     dataset = load_split(split).subset(n)
@@ -76,20 +93,8 @@ def planted_table(model, split: str, n: int, seed: int) -> OutcomeTable:
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory) -> dict:
     """The test backbone on disk and its planted train/eval tables in a fresh table cache."""
-    root = tmp_path_factory.mktemp("planted")
-    path = root / "backbone.safetensors"
-    save_backbone(create_model("adaperceiver_test"), path)
-    model = load_backbone(path)
-    cache = root / "cache"
-    tables = {}
-    for split, n, seed in (("policy-train", N_TRAIN, 0), ("test", N_EVAL, 1)):
-        tables[split] = planted_table(model, split, n, seed)
-        tables[split].save(table_path(cache, backbone_identity(model), split, OBSERVATION, n))
-    config = root / "policy.yaml"
-    fast = {"n_envs": 8, "n_steps": 64, "batch_size": 128, "n_epochs": 10, "learning_rate": 3.0e-3,
-            "timesteps": 24576, "net_arch": [32, 32]}  # fmt: skip
-    config.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "configs/policy.yaml").read_text()), **fast}))
-    return {"root": root, "backbone": path, "cache": cache, "config": config, "tables": tables}
+    fast = {"learning_rate": 3.0e-3, "timesteps": 24576}
+    return planted_setup(tmp_path_factory.mktemp("planted"), "adaperceiver_test", planted_table, fast)
 
 
 def train(planted: dict, penalty: float) -> tuple[np.ndarray, dict]:
@@ -202,22 +207,12 @@ def test_sequential_ppo_learns_to_stop_when_the_prediction_is_right(tmp_path) ->
     from envs import SequentialSteps, get_observation
     from policy.sequential_rollout import rollout
 
-    path = tmp_path / "backbone.safetensors"
-    save_backbone(create_model("adaperceiver_fmnist_stages"), path)
-    model = load_backbone(path)
-    cache = tmp_path / "cache"
-    tables = {}
-    for split, n, seed in (("policy-train", N_TRAIN, 0), ("test", N_EVAL, 1)):
-        tables[split] = planted_depth_table(model, split, n, seed)
-        tables[split].save(table_path(cache, backbone_identity(model), split, OBSERVATION, n))
-    penalty = 1.0
-    config = tmp_path / "policy.yaml"
     # lr 1e-3 over 80k steps: the same optimum from PPO seeds 0, 1, 2 (0.653-0.655); 3e-3 over 40k missed it once
-    fast = {"n_envs": 8, "n_steps": 64, "batch_size": 128, "n_epochs": 10, "learning_rate": 1.0e-3,
-            "timesteps": 81920, "net_arch": [32, 32]}  # fmt: skip
-    config.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "configs/policy.yaml").read_text()), **fast}))
-    cfg = build_policy_config(config, backbone=str(path), cache_dir=str(cache), out=str(tmp_path / "run"),
-                              train_limit=N_TRAIN, eval_limit=N_EVAL, flops_penalty=penalty,
+    fast = {"learning_rate": 1.0e-3, "timesteps": 81920}
+    setup = planted_setup(tmp_path, "adaperceiver_fmnist_stages", planted_depth_table, fast)
+    model, tables, penalty = setup["model"], setup["tables"], 1.0
+    cfg = build_policy_config(setup["config"], backbone=str(setup["backbone"]), cache_dir=str(setup["cache"]),
+                              out=str(tmp_path / "run"), train_limit=N_TRAIN, eval_limit=N_EVAL, flops_penalty=penalty,
                               controller="sequential")  # fmt: skip
     out, metrics = train_controller(cfg, progress=False)
     policy = load_ppo(out / "policy.zip").policy
