@@ -20,6 +20,7 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
+from conftest import torch_threads
 from PIL import Image
 
 import backbone.train as train_cli
@@ -71,10 +72,8 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture
 def one_thread():
     """Single-process references on one thread, like the child processes (kernels may sum in another order)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

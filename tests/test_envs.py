@@ -14,6 +14,7 @@ import gymnasium
 import numpy as np
 import pytest
 import torch
+from conftest import torch_threads
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from stable_baselines3.common.monitor import Monitor
@@ -40,10 +41,8 @@ SPLIT = "policy-train"
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a training job shares this machine
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):  # a training job shares this machine
+        yield
 
 
 def perturbed_model(seed: int = 0, scale: float = 0.3) -> backbone.AdaPerceiver:
