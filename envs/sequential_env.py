@@ -68,12 +68,14 @@ class AdaPerceiverSequentialEnv(AdaPerceiverComputeEnv):
         self._spent = self.steps.spent_flops()  # grid shape
         self._relative_spent = self.flops_penalty * self._spent / float(self.grid.full_flops)
         self._last = len(self.grid.depths)
-        self._choice: np.ndarray | None = None
+        self._depth_axis = self.steps.depth_axis
+        self._choice: tuple[int, ...] | None = None
         self._depth = 0
 
     # --- the running prediction --------------------------------------------------------------------------------
     def _setting_at(self, depth: int) -> tuple[int, ...]:
-        return tuple(int(a[0]) for a in self.steps.setting_index(self._choice[None], np.array([depth])))
+        """Grid index of the episode's choice exited after ``depth`` blocks (the hot path: plain tuples)."""
+        return (*self._choice[: self._depth_axis], depth - 1, *self._choice[self._depth_axis :])
 
     def _look(self, depth: int) -> tuple[np.ndarray, int, bool, float]:
         """(stats (3,), pred, correct, cross-entropy) of the prediction after ``depth`` blocks."""
@@ -104,7 +106,7 @@ class AdaPerceiverSequentialEnv(AdaPerceiverComputeEnv):
         spent_before = self._relative_spent[self._setting_at(depth - 1)] if depth > 1 else 0.0
         obs = self.steps.after_block(
             self._base[None],
-            self._choice[None],
+            np.array([self._choice]),
             np.array([depth]),
             stats[None],
             None if previous is None else previous[0][None],
@@ -124,7 +126,7 @@ class AdaPerceiverSequentialEnv(AdaPerceiverComputeEnv):
             raise RuntimeError("call reset() before step(): the episode is over or has not started")
         action = self._parse_sequential(action)
         if self._choice is None:  # step 0: the setting's other axes; block 1 runs
-            self._choice = np.asarray(action[:-1], np.int64)
+            self._choice = tuple(int(a) for a in action[:-1])
             obs, reward = self._advance(1)
             stop = self._last == 1
         else:

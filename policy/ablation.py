@@ -33,11 +33,10 @@ from backbone.settings import Setting
 from envs import SequentialSteps, get_observation
 from policy.baselines import early_exit, oracle, random_matched
 from policy.config import CONTROLLERS, DEFAULT_POLICY_CONFIG, build_policy_config
-from policy.controller import choose_actions, load_ppo
-from policy.evaluation import _mcnemar
-from policy.sequential_rollout import rollout
+from policy.controller import load_ppo
+from policy.evaluation import evaluate_actions, mcnemar_p, setting_prices
 from policy.sidecar import check_compatible, resolve_run
-from policy.training import load_backbone_for, outcome_table, score_controller, train_controller
+from policy.training import controller_actions, load_backbone_for, outcome_table, train_controller
 
 TAUS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.01)
 
@@ -91,6 +90,7 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
     flops = grid.flops
     fixed = grid.table(acc)
     early = early_exit_paths(model, table)
+    early_front = envelope(early)
     val_acc = outcome_table(model, cfg, cfg.train_split, cfg.train_limit).accuracy()  # for the fair front
 
     given = {}
@@ -103,7 +103,7 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
         for p in penalties:
             for seed in args.seeds if p == args.headline_penalty else args.seeds[:1]:
                 run = find_or_train(base, p, given, Path(args.runs_dir), seed, cfg.task, kind)
-                controllers.append(score_run(run, model, table, val_acc, early, args.seed))
+                controllers.append(score_run(run, model, table, val_acc, early_front, args.seed))
     return {
         "backbone": str(model.checkpoint_path),
         "backbone_sha256": model.checkpoint_sha256,
@@ -116,7 +116,7 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python -m policy.ablation " + " ".join(sys.argv[1:]),
         "fixed": fixed,
         "early_exit": early,
-        "early_exit_envelope": envelope(early),
+        "early_exit_envelope": early_front,
         "oracle": oracle(table.correct, flops),
         "controllers": controllers,
         "headline": headline(controllers, args.headline_penalty),
@@ -146,7 +146,7 @@ def envelope(early: dict[str, list[dict]]) -> list[dict]:
     return [points[i] for i in front]
 
 
-def score_run(run: Path, model, table, val_acc: np.ndarray, early: dict, seed: int) -> dict[str, Any]:
+def score_run(run: Path, model, table, val_acc: np.ndarray, early_front: list[dict], seed: int) -> dict[str, Any]:
     """One controller on the test table, next to every baseline at its mean FLOPs."""
     zip_path, side = resolve_run(run)
     check_compatible(side, model.checkpoint_sha256, model.grid, table.observation)
@@ -154,16 +154,18 @@ def score_run(run: Path, model, table, val_acc: np.ndarray, early: dict, seed: i
     kind = side.get("controller", "oneshot")
     spec = get_observation(side["observation"])
     steps = SequentialSteps.for_model(model, spec, side["decision_flops"]) if kind == "sequential" else None
-    m = score_controller(policy, table, model, side["observation"], side["controller_flops"], steps)
+    actions = controller_actions(policy, table, steps)
+    index = tuple(actions.T)
+    priced, reused = setting_prices(model, spec, steps)
+    m = evaluate_actions(table, actions, side["controller_flops"], reused, priced)
     grid, budget = table.grid, m["mean_flops"]
     # the fair front: the setting best on the controllers' validation split among those within the budget
     ok = grid.flops <= budget
     val_idx = tuple(int(i) for i in np.unravel_index(np.where(ok, val_acc, -1.0).argmax(), grid.shape))
-    actions = (rollout(table, steps, lambda o: choose_actions(policy, o)) if steps is not None
-               else choose_actions(policy, table.obs))  # fmt: skip
-    correct = table.correct[(np.arange(len(table)), *tuple(actions.T))]
-    env_pts = envelope(early)
-    early_acc = front_accuracy_at([e["mean_flops"] for e in env_pts], [e["accuracy"] for e in env_pts], budget)
+    correct = table.correct[(np.arange(len(table)), *index)]
+    val_correct = table.correct[(slice(None), *val_idx)]
+    cost = (priced[index] - reused[index]).astype(np.float64) + m["controller_flops"]
+    early_acc = front_accuracy_at([e["mean_flops"] for e in early_front], [e["accuracy"] for e in early_front], budget)
     return {
         "run": str(run),
         "controller": kind,
@@ -178,31 +180,23 @@ def score_run(run: Path, model, table, val_acc: np.ndarray, early: dict, seed: i
         "best_fixed_setting_at_same_flops": m["best_fixed_setting_at_same_flops"],
         "vs_best_fixed_p_value": m["vs_best_fixed_p_value"],
         "validation_fixed_setting": str(grid.setting(val_idx)) if ok.any() else None,
-        "validation_fixed_accuracy": float(table.correct[(slice(None), *val_idx)].mean()) if ok.any() else None,
-        "vs_validation_fixed_p_value": _mcnemar(correct, table.correct[(slice(None), *val_idx)]) if ok.any() else None,
+        "validation_fixed_accuracy": float(val_correct.mean()) if ok.any() else None,
+        "vs_validation_fixed_p_value": mcnemar_p(correct, val_correct) if ok.any() else None,
         "early_exit_accuracy_at_same_flops": early_acc,
         "random_matched": random_matched(table.correct, grid.flops, budget, seed=seed),
-        "flops_per_image": _per_image_flops(table, actions, m, steps, model, spec),
+        "flops_per_image": _where_flops_go(table, cost, spec.probe),
         "top_settings": dict(list(m["setting_counts"].items())[:5]),
     }
 
 
-def _per_image_flops(table, actions, m, steps, model, spec) -> dict[str, list[float]]:
-    """Mean FLOPs per class and per probe-confidence bin (where the compute goes)."""
-    index = tuple(actions.T)
-    reused = spec.reused_flops(model)
-    if steps is None:
-        cost = table.flops[index] - reused[index]
-    else:
-        cost = steps.spent_flops()[index] - steps.reused_flops(reused, spec.continues_probe(model))[index]
-    cost = cost.astype(np.float64) + m["controller_flops"]
+def _where_flops_go(table, cost: np.ndarray, has_probe: bool) -> dict[str, list[float]]:
+    """Mean FLOPs per image (``cost``, ``(n,)``) per class and per bin of the probe's top-1 probability."""
     by_class = [float(cost[table.labels == c].mean()) if (table.labels == c).any() else float("nan")
                 for c in range(int(table.labels.max()) + 1)]  # fmt: skip
     out = {"by_class": by_class}
-    if spec.probe:
+    if has_probe:
         conf = table.obs[:, -3]  # the probe's top-1 probability (last three features: top-1, margin, entropy)
-        edges = np.linspace(0.0, 1.0, 11)
-        which = np.clip(np.digitize(conf, edges) - 1, 0, 9)
+        which = np.clip(np.digitize(conf, np.linspace(0.0, 1.0, 11)) - 1, 0, 9)
         out["by_probe_confidence"] = [float(cost[which == b].mean()) if (which == b).any() else float("nan")
                                       for b in range(10)]  # fmt: skip
         out["probe_confidence_images"] = [int((which == b).sum()) for b in range(10)]

@@ -11,6 +11,20 @@ from scipy.stats import binomtest
 from backbone.pareto import front_accuracy_at
 
 
+def setting_prices(model, spec, steps=None) -> tuple[np.ndarray, np.ndarray]:
+    """(FLOPs of running each setting the way the controller runs it, the part of them its observation already did),
+    both grid-shaped: what :func:`evaluate_actions` and compute-saving inference charge per image.
+
+    One-shot (``steps`` None): the setting itself, less ``spec.reused_flops``. Sequential (``steps``, a
+    :class:`~envs.sequential_steps.SequentialSteps`): the exit also pays every write-out it looked at and every
+    decision, and a row on the probe's path also reuses the probe's write-out.
+    """
+    reused = spec.reused_flops(model)
+    if steps is None:
+        return model.grid.flops, reused
+    return steps.spent_flops(), steps.reused_flops(reused, spec.continues_probe(model))
+
+
 def evaluate_actions(
     table,
     actions: np.ndarray,
@@ -61,7 +75,7 @@ def evaluate_actions(
         "flops_saving": 1.0 - mean_flops / full_flops,
         "best_fixed_accuracy_at_same_flops": best_fixed,
         "best_fixed_setting_at_same_flops": None if best_idx is None else str(table.grid.setting(best_idx)),
-        "vs_best_fixed_p_value": _mcnemar(correct, table.correct[(slice(None), *best_idx)]) if best_idx else None,
+        "vs_best_fixed_p_value": mcnemar_p(correct, table.correct[(slice(None), *best_idx)]) if best_idx else None,
         "distinct_settings": len(counts),
         "setting_counts": dict(counts.most_common()),
     }
@@ -75,7 +89,7 @@ def _best_fixed_index(flops: np.ndarray, acc: np.ndarray, budget: float) -> tupl
     return tuple(int(i) for i in np.unravel_index(int(masked.argmax()), acc.shape))
 
 
-def _mcnemar(a: np.ndarray, b: np.ndarray) -> float:
+def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
     """Exact two-sided McNemar p-value of paired correctness vectors (is the accuracy difference real?)."""
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     return 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)

@@ -25,6 +25,7 @@ from envs.observations import observe_embed, run_probe
 from envs.sequential_steps import STOP
 from policy.adaptive import Prediction, _as_batch
 from policy.controller import actor_flops, choose_actions, load_ppo
+from policy.evaluation import setting_prices
 from policy.sidecar import check_compatible, resolve_run
 
 
@@ -40,8 +41,7 @@ class SequentialClassifier:
         self.steps = SequentialSteps.for_model(backbone, self.spec, decision_flops)
         self.controller_flops = self.spec.flops(backbone) + actor_flops(policy)  # observation + first decision
         self.continues_probe = self.spec.continues_probe(backbone)
-        self.reused_flops = self.steps.reused_flops(self.spec.reused_flops(backbone), self.continues_probe)
-        self.spent_flops = self.steps.spent_flops()
+        self.spent_flops, self.reused_flops = setting_prices(backbone, self.spec, self.steps)
 
     @classmethod
     def load(

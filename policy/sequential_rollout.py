@@ -3,7 +3,7 @@
 The table holds every depth's prediction, so the episodes of all samples run as array lookups: the controller
 picks (stage, tokens, width) for everyone, then after each block the rows still running see their prediction's
 statistics and stop or go on. The result is each sample's exit setting, which the one-shot evaluation then
-scores with the sequential episode's FLOPs (``SequentialSteps.spent_flops``: write-outs and decisions included).
+scores with the sequential episode's FLOPs (``policy.evaluation.setting_prices``: write-outs and decisions included).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from collections.abc import Callable
 import numpy as np
 
 from envs.sequential_steps import STOP, SequentialSteps
-from policy.evaluation import evaluate_actions
 
 Decide = Callable[[np.ndarray], np.ndarray]  # observations (B, dim) -> actions (B, len(action_nvec))
 
@@ -46,15 +45,3 @@ def rollout(table, steps: SequentialSteps, decide: Decide) -> np.ndarray:
         if len(running) == 0:
             break
     return np.stack(steps.setting_index(choice, depth), axis=1)
-
-
-def evaluate_sequential(
-    table, steps: SequentialSteps, decide: Decide, controller_flops: int, reused: np.ndarray, continues: np.ndarray
-) -> dict:
-    """:func:`policy.evaluation.evaluate_actions` of the rollout, priced as the sequential episode runs: each exit
-    pays its write-outs and decisions, the probe's shared work (its latents, its write-out) is not counted twice,
-    and ``controller_flops`` (observation + the first decision) is added once."""
-    actions = rollout(table, steps, decide)
-    return evaluate_actions(
-        table, actions, controller_flops, steps.reused_flops(reused, continues), setting_flops=steps.spent_flops()
-    )

@@ -26,9 +26,9 @@ from backbone.settings_io import dump_yaml
 from envs import OutcomeTable, SequentialSteps, get_observation, load_or_build, make_vec_env
 from policy.config import PolicyConfig
 from policy.controller import actor_flops, choose_actions, load_ppo, mlp_actor_flops, save_ppo_atomic
-from policy.evaluation import evaluate_actions
+from policy.evaluation import evaluate_actions, setting_prices
 from policy.run_folder import PROGRESS, TIMING, ResumableCSV, Timing
-from policy.sequential_rollout import evaluate_sequential
+from policy.sequential_rollout import rollout
 from policy.sidecar import POLICY_ZIP, SIDECAR, check_compatible, resolve_run, versions, write_sidecar
 
 
@@ -139,7 +139,7 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
     episode: dict[str, Any] = {}
     if sequential:  # each stop/go decision is charged the decision network's FLOPs, known before it is built
         episode["decision_flops"] = mlp_actor_flops(steps.dim, list(cfg.net_arch), sum(steps.action_nvec))
-        steps = SequentialSteps.for_model(model, spec, episode["decision_flops"])
+        steps = dataclasses.replace(steps, decision_flops=episode["decision_flops"])
     vec = make_vec_env(
         n_envs=cfg.n_envs,
         seed=cfg.seed,
@@ -254,15 +254,19 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
     return out, metrics
 
 
+def controller_actions(policy, table: OutcomeTable, steps: SequentialSteps | None = None) -> np.ndarray:
+    """The setting indices ``(n, grid.ndim)`` the controller deterministically runs each sample of ``table`` at
+    (one-shot, or the exit of its sequential episode when ``steps`` is given)."""
+    if steps is None:
+        return choose_actions(policy, table.obs)
+    return rollout(table, steps, lambda obs: choose_actions(policy, obs))
+
+
 def score_controller(policy, table: OutcomeTable, model, observation: str, controller_flops: int,
                      steps: SequentialSteps | None = None) -> dict[str, Any]:  # fmt: skip
     """The controller's deterministic choices on ``table``, scored (one-shot, or sequential when ``steps``)."""
-    spec = get_observation(observation)
-    reused = spec.reused_flops(model)
-    decide = lambda obs: choose_actions(policy, obs)  # noqa: E731
-    if steps is None:
-        return evaluate_actions(table, decide(table.obs), controller_flops, reused)
-    return evaluate_sequential(table, steps, decide, controller_flops, reused, spec.continues_probe(model))
+    priced, reused = setting_prices(model, get_observation(observation), steps)
+    return evaluate_actions(table, controller_actions(policy, table, steps), controller_flops, reused, priced)
 
 
 def _init_wandb(cfg: PolicyConfig, out: Path):
@@ -278,6 +282,7 @@ def _init_wandb(cfg: PolicyConfig, out: Path):
 __all__ = [
     "CheckpointError",
     "ControllerInterrupted",
+    "controller_actions",
     "load_backbone_for",
     "outcome_table",
     "score_controller",

@@ -267,7 +267,7 @@ def flops_check(model: StagedAdaPerceiver) -> list[dict]:
 
 
 def mcnemar(a: np.ndarray, b: np.ndarray) -> float:
-    """Exact two-sided McNemar p-value of paired correctness vectors (as policy/evaluation.py's ``_mcnemar``)."""
+    """Exact two-sided McNemar p-value of paired correctness vectors (as policy/evaluation.py's ``mcnemar_p``)."""
     from scipy.stats import binomtest
 
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
