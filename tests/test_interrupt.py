@@ -90,7 +90,12 @@ def _resume_and_check(setup: dict[str, Path], run: Path) -> dict:
     gaps = [b - a for a, b in itertools.pairwise(steps)]
     odd = [g for g in gaps if g != rollout]  # the resume point: rollouts restart from the saved timestep
     assert steps[0] == rollout and steps[-1] >= TIMESTEPS, steps
-    assert len(odd) <= 1 and all(rollout < g < 2 * rollout for g in odd), f"each rollout logged once: {odd}"
+    # a stop inside a rollout resumes mid-way (rollout < gap < 2 rollouts); a stop after a rollout's last step but
+    # before its log line resumes from that boundary and redoes it (gap of exactly 2, that row never logged)
+    redone = saved % rollout == 0 and saved not in steps
+    assert len(odd) <= 1 and all(rollout < g < 2 * rollout or (g == 2 * rollout and redone) for g in odd), (
+        f"each rollout logged once: {odd} (saved at {saved})"
+    )
     timing = json.loads((run / "timing.json").read_text())
     assert len(timing["parts"]) == 2 and timing["parts"][0]["timesteps_to"] == saved
     assert timing["parts"][1]["timesteps_from"] == saved and timing["parts"][1]["timesteps_to"] >= TIMESTEPS
