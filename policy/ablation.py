@@ -34,7 +34,7 @@ from envs import SequentialSteps, get_observation
 from policy.baselines import early_exit, oracle, random_matched
 from policy.config import CONTROLLERS, DEFAULT_POLICY_CONFIG, build_policy_config
 from policy.controller import load_ppo
-from policy.evaluation import evaluate_actions, mcnemar_p, setting_prices
+from policy.evaluation import evaluate_actions, iso_accuracy, setting_prices, validation_selected
 from policy.sidecar import check_compatible, resolve_run
 from policy.training import controller_actions, load_backbone_for, outcome_table, train_controller
 
@@ -159,11 +159,6 @@ def score_run(run: Path, model, table, val_acc: np.ndarray, early_front: list[di
     priced, reused = setting_prices(model, spec, steps)
     m = evaluate_actions(table, actions, side["controller_flops"], reused, priced)
     grid, budget = table.grid, m["mean_flops"]
-    # the fair front: the setting best on the controllers' validation split among those within the budget
-    ok = grid.flops <= budget
-    val_idx = tuple(int(i) for i in np.unravel_index(np.where(ok, val_acc, -1.0).argmax(), grid.shape))
-    correct = table.correct[(np.arange(len(table)), *index)]
-    val_correct = table.correct[(slice(None), *val_idx)]
     cost = (priced[index] - reused[index]).astype(np.float64) + m["controller_flops"]
     early_acc = front_accuracy_at([e["mean_flops"] for e in early_front], [e["accuracy"] for e in early_front], budget)
     return {
@@ -179,9 +174,7 @@ def score_run(run: Path, model, table, val_acc: np.ndarray, early_front: list[di
         "on_or_above_front": bool(m["accuracy"] >= m["best_fixed_accuracy_at_same_flops"]),
         "best_fixed_setting_at_same_flops": m["best_fixed_setting_at_same_flops"],
         "vs_best_fixed_p_value": m["vs_best_fixed_p_value"],
-        "validation_fixed_setting": str(grid.setting(val_idx)) if ok.any() else None,
-        "validation_fixed_accuracy": float(val_correct.mean()) if ok.any() else None,
-        "vs_validation_fixed_p_value": mcnemar_p(correct, val_correct) if ok.any() else None,
+        **validation_selected(table, val_acc, actions, budget),
         "early_exit_accuracy_at_same_flops": early_acc,
         "random_matched": random_matched(table.correct, grid.flops, budget, seed=seed),
         "flops_per_image": _where_flops_go(table, cost, spec.probe),
@@ -223,30 +216,6 @@ def headline(controllers: list[dict], penalty: float) -> dict[str, Any]:
             "above_front_all_seeds": all(r["on_or_above_front"] for r in rows),
         }
     return out
-
-
-def iso_accuracy(controllers: list[dict], fixed: list[dict]) -> list[dict]:
-    """Controllers within 0.1 points of the full setting: their saving vs full and vs the cheapest fixed setting at
-    least as accurate as the controller."""
-    full = max(fixed, key=lambda r: r["flops"])
-    rows = []
-    for r in controllers:
-        if r["accuracy"] < full["accuracy"] - 0.001:
-            continue
-        as_good = [f for f in fixed if f["accuracy"] >= r["accuracy"]]
-        cheapest = min(as_good, key=lambda f: f["flops"]) if as_good else None
-        keys = ("controller", "flops_penalty", "seed", "accuracy", "mean_flops")
-        rows.append(
-            {k: r[k] for k in keys}
-            | {
-                "saving_vs_full": 1 - r["mean_flops"] / full["flops"],
-                "cheapest_fixed_as_accurate": None if cheapest is None else str(Setting.of_row(cheapest)),
-                "saving_vs_cheapest_fixed_as_accurate": None
-                if cheapest is None
-                else 1 - r["mean_flops"] / cheapest["flops"],
-            }
-        )
-    return rows
 
 
 def write_markdown(result: dict[str, Any], path: Path) -> None:

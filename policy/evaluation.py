@@ -9,6 +9,7 @@ import numpy as np
 from scipy.stats import binomtest
 
 from backbone.pareto import front_accuracy_at
+from backbone.settings import Setting
 
 
 def setting_prices(model, spec, steps=None) -> tuple[np.ndarray, np.ndarray]:
@@ -117,3 +118,48 @@ def format_report(metrics: dict[str, Any], top: int = 5) -> str:
 
 def _fmt_p(p: float | None) -> str:
     return "n/a" if p is None else f"{p:.3g}"
+
+
+def validation_selected(table, val_acc: np.ndarray, actions: np.ndarray, budget: float) -> dict[str, Any]:
+    """The fair front at ``budget``: the fixed setting best on the controllers' validation split (``val_acc``) among
+    those that cheap, scored on ``table`` and compared with the choices ``actions`` by McNemar's test."""
+    grid = table.grid
+    ok = grid.flops <= budget
+    if not ok.any():
+        return {
+            "validation_fixed_setting": None,
+            "validation_fixed_accuracy": None,
+            "vs_validation_fixed_p_value": None,
+        }
+    val_idx = tuple(int(i) for i in np.unravel_index(np.where(ok, val_acc, -1.0).argmax(), grid.shape))
+    correct = table.correct[(np.arange(len(table)), *tuple(np.asarray(actions).T))]
+    val_correct = table.correct[(slice(None), *val_idx)]
+    return {
+        "validation_fixed_setting": str(grid.setting(val_idx)),
+        "validation_fixed_accuracy": float(val_correct.mean()),
+        "vs_validation_fixed_p_value": mcnemar_p(correct, val_correct),
+    }
+
+
+def iso_accuracy(controllers: list[dict], fixed: list[dict]) -> list[dict]:
+    """Controllers within 0.1 points of the full setting: their saving vs full and vs the cheapest fixed setting at
+    least as accurate as the controller."""
+    full = max(fixed, key=lambda r: r["flops"])
+    rows = []
+    for r in controllers:
+        if r["accuracy"] < full["accuracy"] - 0.001:
+            continue
+        as_good = [f for f in fixed if f["accuracy"] >= r["accuracy"]]
+        cheapest = min(as_good, key=lambda f: f["flops"]) if as_good else None
+        keys = ("controller", "flops_penalty", "seed", "accuracy", "mean_flops")
+        rows.append(
+            {k: r[k] for k in keys}
+            | {
+                "saving_vs_full": 1 - r["mean_flops"] / full["flops"],
+                "cheapest_fixed_as_accurate": None if cheapest is None else str(Setting.of_row(cheapest)),
+                "saving_vs_cheapest_fixed_as_accurate": None
+                if cheapest is None
+                else 1 - r["mean_flops"] / cheapest["flops"],
+            }
+        )
+    return rows

@@ -10,6 +10,7 @@ setting. A controller that learned nothing (or ignored its observation) lands ne
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from envs import OutcomeTable
 from envs.outcome_table import backbone_identity, dataset_sha256, table_path
 from policy.config import build_policy_config
 from policy.controller import choose_actions, load_ppo
+from policy.reference import fit_correctness, reference_actions
+from policy.reference import main as reference_main
 from policy.training import train_controller
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,6 +141,38 @@ def test_mean_flops_falls_as_the_penalty_rises(planted) -> None:
     flops = planted["tables"]["test"].flops
     means = [float(flops[tuple(train(planted, p)[0].T)].mean()) for p in (0.3, 2.0, 30.0)]
     assert means[0] > means[1] > means[2], means
+
+
+def test_reference_selector_reaches_the_planted_optimum(planted) -> None:
+    """The full-information reference (``policy.reference``): fit on the train table's every-setting correctness, it
+    must find the planted per-sample optimum too, or it could not tell PPO's limits from the observation's."""
+    train_table, test = planted["tables"]["policy-train"], planted["tables"]["test"]
+    net, fit = fit_correctness(train_table.obs, train_table.correct, seed=0, epochs=30)
+    penalty = 1.0
+    full = int(test.flops[test.grid.full_index])
+    actions = reference_actions(net, test.obs, test.flops, full, penalty)
+    rewards = test.reward_matrix("correct", penalty)
+    flat = rewards.reshape(len(rewards), -1)
+    got = rewards[(np.arange(len(rewards)), *actions.T)].mean()
+    assert got >= 0.98 * flat.max(1).mean(), (got, flat.max(1).mean(), fit)
+    cheap = reference_actions(net, test.obs, test.flops, full, 30.0)  # a penalty no accuracy pays for
+    assert test.flops[tuple(cheap.T)].mean() < test.flops[tuple(actions.T)].mean()
+
+
+def test_reference_command_writes_its_report(planted, tmp_path, capsys) -> None:
+    limits = ["--train-limit", str(N_TRAIN), "--eval-limit", str(N_EVAL)]
+    args = ["--backbone", str(planted["backbone"]), "--config", str(planted["config"]), "--epochs", "5", "--seeds", "0",
+            "--cache-dir", str(planted["cache"]), *limits]  # fmt: skip
+    assert reference_main([*args, "--penalties", "0.3", "1", "--out", str(tmp_path / "ref")]) == 0
+    result = json.loads((tmp_path / "ref" / "reference.json").read_text())
+    assert [r["flops_penalty"] for r in result["rows"]] == [0.3, 1.0]
+    row = result["rows"][0]
+    assert 0.0 <= row["accuracy"] <= 1.0
+    assert row["mean_flops"] > row["controller_flops"] > planted["tables"]["test"].obs_flops  # network counted
+    assert "| 0.3 |" in (tmp_path / "ref" / "reference.md").read_text()
+    assert reference_main([*args, "--penalties=-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "penalties must be finite and >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.fixture(scope="module")
