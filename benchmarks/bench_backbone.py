@@ -25,7 +25,7 @@ from backbone.allocator import reuse_freed_memory
 from backbone.fileio import write_json
 from backbone.interrupt import exits_cleanly_on_ctrl_c
 from backbone.settings import Setting
-from benchmarks.timing import matmul_gflops, median_seconds
+from benchmarks.timing import cpu_description, matmul_gflops, median_seconds
 
 
 def pick_settings(model: AdaPerceiver) -> dict[str, Setting]:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch_size,
             "repeats": args.repeats,
             "matmul_size": args.matmul_size,
-            "machine": platform.processor() or platform.machine(),
+            "cpu": cpu_description(),
             "python": platform.python_version(),
         },
         "matmul_gflops_per_s": matmul,
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = summary["config"]
     print(f"# Backbone inference benchmark: `{cfg['model']}`\n")
     print(f"torch {cfg['torch']}, {cfg['threads']} threads, batch {cfg['batch_size']}, median of {cfg['repeats']}, "
-          f"{cfg['machine']}\n")  # fmt: skip
+          f"{cfg['cpu']['model']} ({', '.join(cfg['cpu']['isa'])})\n")  # fmt: skip
     print(f"fp32 matmul ({args.matmul_size}^2): **{matmul:.1f} GFLOP/s**\n")
     print("| setting | tokens | depth | width | MFLOPs/img | ms/batch | images/s | GFLOP/s | % of matmul |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -28,3 +29,25 @@ def matmul_gflops(n: int, repeats: int) -> float:
     with torch.inference_mode():
         seconds = median_seconds(lambda: torch.mm(a, b, out=out), repeats, warmup=2)
     return 2 * n**3 / seconds / 1e9
+
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")  # what decides fp32/bf16 kernel speed on x86
+
+
+def cpu_description() -> dict[str, object]:
+    """The CPU the figures were measured on: model name and the vector-ISA flags that matter (Linux), else
+    ``platform``'s guess. Results from different CPU kinds differ by tens of percent, so every JSON records it."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return {"model": model, "isa": flags}
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = [f for f in ISA_FLAGS if f in value.split()]
+            break
+    return {"model": model, "isa": flags}

@@ -25,7 +25,7 @@ from backbone.data import DataError
 from backbone.data_source import resolve_data
 from backbone.fileio import write_json
 from backbone.interrupt import exits_cleanly_on_ctrl_c
-from benchmarks.timing import matmul_gflops
+from benchmarks.timing import cpu_description, matmul_gflops
 from policy.adaptive import AdaptiveClassifier
 from policy.load_run import load_classifier
 from policy.sequential_inference import SequentialClassifier
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [r for res in results for r in res["rows"]],
         "matmul_size": args.matmul_size,
         "matmul_gflops_per_s": matmul,
+        "cpu": cpu_description(),
         "policy": args.policy,
         "split": args.split,
         "repeats": args.repeats,

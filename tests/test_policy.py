@@ -390,6 +390,7 @@ def test_benchmark_end_to_end(run: Path, tmp_path) -> None:
         assert len(ratios) == 1 and row["speedup"] == pytest.approx(statistics.median(ratios))
         assert row["flops_ratio"] == pytest.approx(result["full_flops"] / row["adaptive_mean_flops"])
     assert [row["images"] for row in result["rows"]] == [64, 8]
+    assert result["cpu"]["model"] and set(result["cpu"]["isa"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_tile"}
     assert "speedup / FLOPs ratio" in r.stdout
 
 
