@@ -32,7 +32,7 @@ from backbone.pareto import front_accuracy_at, pareto_front
 from backbone.settings import Setting
 from envs import SequentialSteps, get_observation
 from policy.baselines import early_exit, oracle, random_matched
-from policy.config import CONTROLLERS, DEFAULT_POLICY_CONFIG, build_policy_config
+from policy.config import CONTROLLERS, DEFAULT_POLICY_CONFIG, build_policy_config, check_penalties
 from policy.controller import load_ppo
 from policy.evaluation import evaluate_actions, iso_accuracy, setting_prices, validation_selected
 from policy.sidecar import check_compatible, resolve_run
@@ -429,9 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", help="outcome-table cache folder")
     args = parser.parse_args(argv)
     try:
-        for p in args.penalties:
-            if not np.isfinite(p) or p < 0:
-                raise ValueError(f"penalties must be finite and >= 0, got {p}")
+        check_penalties(args.penalties)
         t0 = time.perf_counter()
         result = run_ablation(args)
     except (ValueError, FileNotFoundError, DataError) as e:

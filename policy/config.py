@@ -94,3 +94,10 @@ def build_policy_config(config_path: str | Path | None = DEFAULT_POLICY_CONFIG, 
     values = load_yaml(config_path) if config_path else {}
     values = merge(values, {k: v for k, v in overrides.items() if v is not None})
     return build_dataclass(PolicyConfig, values, source=str(config_path or "options"))
+
+
+def check_penalties(penalties: list[float]) -> None:
+    """ValueError unless every penalty of a sweep is finite and >= 0 (one flag, many values: ablation, reference)."""
+    for p in penalties:
+        if not math.isfinite(p) or p < 0:
+            raise ValueError(f"penalties must be finite and >= 0, got {p}")
