@@ -68,23 +68,31 @@ class AdaptiveClassifier:
         return choose_actions(self.policy, self.spec.compute(self.backbone, memory, probe_logits))
 
     @torch.no_grad()
+    def front(self, images: torch.Tensor | Sequence[torch.Tensor]) -> tuple:
+        """What every image pays before its setting runs: the probe stage's embedding, the probe and the controller's
+        choice. Returns ``(memory, probe latents and logits or None, setting indices)`` for the setting to go on from;
+        its time alone bounds the speed-up (``policy.benchmark``)."""
+        model = self.backbone
+        memory = observe_embed(model, _as_batch(images))
+        probe = run_probe(model, memory) if self.spec.probe else None
+        return memory, probe, self.choose(memory, None if probe is None else probe[1])
+
+    @torch.no_grad()
     def predict(self, images: torch.Tensor | Sequence[torch.Tensor]) -> Prediction:
         """Classify ``images`` (float ``(B, C, H, W)`` in [0, 1], or a list of ``(C, H, W)``) adaptively."""
         model = self.backbone
-        x = _as_batch(images)
-        memory = observe_embed(model, x)
-        probe = run_probe(model, memory) if self.spec.probe else None
-        actions = self.choose(memory, None if probe is None else probe[1])
+        memory, probe, actions = self.front(images)
+        n = len(actions)
         index = tuple(actions.T)
         setting = self.grid.values(actions)
-        logits = memory.tokens.new_empty(len(x), model.cfg.num_classes)
+        logits = memory.tokens.new_empty(n, model.cfg.num_classes)
         # rows whose setting continues from the probe's latents (its stage, tokens and width) skip its read and
         # block 1; the spec that says which also prices them, so execution and accounting cannot drift apart
         cont = self.continues_probe[index]
         at_probe = cont & (setting.depth == 1)
         if at_probe.any():
             logits[at_probe] = probe[1][at_probe]
-        stages = setting.stage if setting.stage is not None else np.full(len(x), memory.stage)
+        stages = setting.stage if setting.stage is not None else np.full(n, memory.stage)
         for stage in np.unique(stages).tolist():
             in_stage = np.flatnonzero((stages == stage) & ~at_probe)
             if len(in_stage) == 0:

@@ -59,15 +59,22 @@ class SequentialClassifier:
         return choose_actions(self.policy, obs)
 
     @torch.no_grad()
+    def front(self, images: torch.Tensor | list[torch.Tensor]) -> tuple:
+        """What every image pays before its first block runs: the probe stage's embedding, the probe and the first
+        decision (stage, tokens, width). Returns ``(memory, probe or None, observation, choice)``; its time alone
+        bounds the speed-up (``policy.benchmark``)."""
+        model = self.backbone
+        memory = observe_embed(model, _as_batch(images))
+        probe = run_probe(model, memory) if self.spec.probe else None
+        base = self.spec.compute(model, memory, None if probe is None else probe[1]).cpu().numpy()
+        return memory, probe, base, self._decide(self.steps.first(base))[:, :-1].astype(np.int64)
+
+    @torch.no_grad()
     def predict(self, images: torch.Tensor | list[torch.Tensor]) -> Prediction:
         """Classify ``images`` (float ``(B, C, H, W)`` in [0, 1], or a list of ``(C, H, W)``) step by step."""
         model, steps = self.backbone, self.steps
-        x = _as_batch(images)
-        memory = observe_embed(model, x)
-        probe = run_probe(model, memory) if self.spec.probe else None
-        base = self.spec.compute(model, memory, None if probe is None else probe[1]).cpu().numpy()
-        choice = self._decide(steps.first(base))[:, :-1].astype(np.int64)
-        n = len(x)
+        memory, probe, base, choice = self.front(images)
+        n = len(choice)
         first = steps.setting_index(choice, np.ones(n, np.int64))
         at_depth1 = self.grid.values(np.stack(first, axis=1))
         cont = self.continues_probe[first]

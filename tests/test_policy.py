@@ -388,10 +388,24 @@ def test_benchmark_end_to_end(run: Path, tmp_path) -> None:
     for row in result["rows"]:
         ratios = [a / f for a, f in zip(row["adaptive_img_s_runs"], row["full_img_s_runs"], strict=True)]
         assert len(ratios) == 1 and row["speedup"] == pytest.approx(statistics.median(ratios))
+        bounds = [c / f for c, f in zip(row["front_img_s_runs"], row["full_img_s_runs"], strict=True)]
+        assert row["speedup_bound_from_front"] == pytest.approx(statistics.median(bounds))
+        assert row["front_img_s"] > 0
         assert row["flops_ratio"] == pytest.approx(result["full_flops"] / row["adaptive_mean_flops"])
     assert [row["images"] for row in result["rows"]] == [64, 8]
     assert result["cpu"]["model"] and set(result["cpu"]["isa"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_tile"}
     assert "speedup / FLOPs ratio" in r.stdout
+
+
+def test_compiled_front_and_full_setting_equal_eager(run: Path, tmp_path) -> None:
+    """benchmarks.compile_front: inductor-compiled full setting and controller front give the eager outputs."""
+    path = tmp_path / "compile.json"
+    r = _cli("-m", "benchmarks.compile_front", "--policy", str(run), "--images", "2", "--repeats", "1",
+             "--json", str(path))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(path.read_text())
+    assert result["full_max_abs_diff"] < 1e-4 and result["front_max_abs_diff"] < 1e-4
+    assert result["bound_eager"] == pytest.approx(result["full_eager_us"] / result["front_eager_us"])
 
 
 def test_missing_run_folder_is_named(tmp_path) -> None:

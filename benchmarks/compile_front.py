@@ -1,0 +1,93 @@
+"""Would ``torch.compile`` lift the batch-1 ceiling? The full setting and the controller's front, eager vs compiled.
+
+At batch 1 every image pays the front (probe-stage embedding, probe, observation, controller network) before its
+setting runs, so ``full / front`` bounds the adaptive speed-up (``policy.benchmark`` reports it). This times both at
+batch 1, eager and compiled with inductor (``dynamic=False``, compiled once, warm), over the same images, and prints
+the bound each way; compiled outputs are checked against eager ones::
+
+    python -m benchmarks.compile_front --policy docs/results/demo_p0.3 [--images 128] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from backbone.allocator import reuse_freed_memory
+from backbone.data import DataError, load_split
+from backbone.fileio import write_json
+from benchmarks.timing import cpu_description
+from envs.observations import observe_embed, run_probe
+from policy.adaptive import AdaptiveClassifier
+
+
+def front_logits(clf: AdaptiveClassifier, x: torch.Tensor) -> torch.Tensor:
+    """The front's tensor work up to the controller's action logits (the argmax after it is a few numpy ops)."""
+    model, policy = clf.backbone, clf.policy
+    memory = observe_embed(model, x)
+    probe = run_probe(model, memory)[1] if clf.spec.probe else None
+    obs = clf.spec.compute(model, memory, probe)
+    return policy.action_net(policy.mlp_extractor.forward_actor(obs))
+
+
+def per_image_us(fn, images: list[torch.Tensor], repeats: int) -> float:
+    """Median over ``repeats`` passes of the mean time per call, one image per call, after one warm-up pass."""
+    for x in images:
+        fn(x)
+    passes = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for x in images:
+            fn(x)
+        passes.append((time.perf_counter() - t0) / len(images))
+    return statistics.median(passes) * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_front", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policy", required=True, help="one-shot run folder written by train_policy.py")
+    parser.add_argument("--images", type=int, default=128, help="test images, one per call (default 128)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes (median reported; default 5)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    reuse_freed_memory()
+    try:
+        clf = AdaptiveClassifier.load(args.policy)
+        images = list(load_split("test").subset(args.images).as_float().split(1))
+    except (ValueError, FileNotFoundError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model = clf.backbone.eval()
+    paths = {"full": model, "front": lambda x: front_logits(clf, x)}
+    command = "python -m benchmarks.compile_front " + " ".join(sys.argv[1:] if argv is None else argv)
+    result: dict = {"policy": args.policy, "images": len(images), "repeats": args.repeats, "cpu": cpu_description(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__, "command": command}  # fmt: skip
+    with torch.inference_mode():
+        for name, fn in paths.items():
+            compiled = torch.compile(fn, dynamic=False)
+            t0 = time.perf_counter()
+            out = compiled(images[0])
+            result[f"{name}_compile_s"] = round(time.perf_counter() - t0, 1)
+            result[f"{name}_max_abs_diff"] = float((out - fn(images[0])).abs().max())
+            result[f"{name}_eager_us"] = per_image_us(fn, images, args.repeats)
+            result[f"{name}_compiled_us"] = per_image_us(compiled, images, args.repeats)
+    for mode in ("eager", "compiled"):
+        result[f"bound_{mode}"] = result[f"full_{mode}_us"] / result[f"front_{mode}_us"]
+    print(f"batch 1, {len(images)} images, {result['threads']} threads, {result['cpu']['model']}")
+    print("| path | eager us | compiled us | compile s | max diff |")
+    print("|---|---:|---:|---:|---:|")
+    for name in paths:
+        print(f"| {name} | {result[f'{name}_eager_us']:.0f} | {result[f'{name}_compiled_us']:.0f} | "
+              f"{result[f'{name}_compile_s']} | {result[f'{name}_max_abs_diff']:.1e} |")  # fmt: skip
+    print(f"speed-up bound full / front: eager {result['bound_eager']:.2f}x, compiled {result['bound_compiled']:.2f}x")
+    if args.json:
+        write_json(args.json, result, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
