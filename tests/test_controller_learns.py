@@ -19,13 +19,14 @@ import yaml
 
 from backbone import create_model, load_backbone, save_backbone
 from backbone.data import load_split
-from envs import OutcomeTable
+from envs import OutcomeTable, get_observation
 from envs.outcome_table import backbone_identity, dataset_sha256, table_path
 from policy.config import build_policy_config
 from policy.controller import choose_actions, load_ppo
+from policy.evaluation import evaluate_actions, setting_prices
 from policy.reference import fit_correctness, reference_actions
 from policy.reference import main as reference_main
-from policy.training import train_controller
+from policy.training import load_backbone_for, outcome_table, train_controller
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_EVAL = 3000, 1000
@@ -173,6 +174,28 @@ def test_reference_command_writes_its_report(planted, tmp_path, capsys) -> None:
     assert reference_main([*args, "--penalties=-1", "--out", str(tmp_path / "bad")]) == 2
     assert "penalties must be finite and >= 0" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_ppo_earns_what_the_full_information_reference_does_on_the_real_task(tmp_path) -> None:
+    """The real tables of the shipped backbone (built, or from the cache: minutes), the default recipe at p = 0.3:
+    PPO's test reward (accuracy - 0.3 * FLOPs / FLOPs(full), each paying its own overhead) is within 0.3 points of
+    the reference selector that is fit on every setting's outcome, so the learner is not what limits the controller
+    (measured: 0.8819 vs 0.8819, seeds 1 and 2 of either within 0.001)."""
+    cfg = build_policy_config(out=str(tmp_path / "run"))
+    _, metrics = train_controller(cfg, progress=False)
+    model = load_backbone_for(cfg.backbone)
+    train_table = outcome_table(model, cfg, cfg.train_split, 0, progress=False)
+    test = outcome_table(model, cfg, cfg.eval_split, 0, progress=False)
+    net, _ = fit_correctness(train_table.obs, train_table.correct, seed=0)
+    priced, reused = setting_prices(model, get_observation(test.observation))
+    full = int(test.flops[test.grid.full_index])
+    actions = reference_actions(net, test.obs, priced - reused, full, cfg.flops_penalty)
+    ref = evaluate_actions(test, actions, test.obs_flops + net.flops(), reused, priced)
+    reward = {
+        k: m["accuracy"] - cfg.flops_penalty * m["mean_flops"] / full for k, m in (("ppo", metrics), ("ref", ref))
+    }
+    assert reward["ppo"] >= reward["ref"] - 0.003, reward
 
 
 @pytest.fixture(scope="module")
