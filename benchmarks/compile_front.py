@@ -21,17 +21,14 @@ from backbone.allocator import reuse_freed_memory
 from backbone.data import DataError, load_split
 from backbone.fileio import write_json
 from benchmarks.timing import cpu_description
-from envs.observations import observe_embed, run_probe
 from policy.adaptive import AdaptiveClassifier
+from policy.controller import action_logits
 
 
 def front_logits(clf: AdaptiveClassifier, x: torch.Tensor) -> torch.Tensor:
     """The front's tensor work up to the controller's action logits (the argmax after it is a few numpy ops)."""
-    model, policy = clf.backbone, clf.policy
-    memory = observe_embed(model, x)
-    probe = run_probe(model, memory)[1] if clf.spec.probe else None
-    obs = clf.spec.compute(model, memory, probe)
-    return policy.action_net(policy.mlp_extractor.forward_actor(obs))
+    memory, probe = clf.spec.embed_and_probe(clf.backbone, x)
+    return action_logits(clf.policy, clf.spec.compute(clf.backbone, memory, None if probe is None else probe[1]))
 
 
 def per_image_us(fn, images: list[torch.Tensor], repeats: int) -> float:

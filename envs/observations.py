@@ -117,6 +117,15 @@ class ObservationSpec:
         return np.concatenate([pooled, probe]).astype(np.float32)
 
     @torch.no_grad()
+    def embed_and_probe(
+        self, model: AdaPerceiver, images: torch.Tensor
+    ) -> tuple[PatchMemory, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The probe stage's memory of ``images`` and, if this spec observes the probe, its latents and logits
+        (:func:`run_probe`): the work inference does before the controller decides, kept for the setting to reuse."""
+        memory = observe_embed(model, images)
+        return memory, (run_probe(model, memory) if self.probe else None)
+
+    @torch.no_grad()
     def compute(
         self, model: AdaPerceiver, memory: PatchMemory, probe_logits: torch.Tensor | None = None
     ) -> torch.Tensor:

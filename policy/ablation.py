@@ -34,7 +34,7 @@ from envs import SequentialSteps, get_observation
 from policy.baselines import early_exit, oracle, random_matched
 from policy.config import CONTROLLERS, DEFAULT_POLICY_CONFIG, build_policy_config, check_penalties
 from policy.controller import load_ppo
-from policy.evaluation import evaluate_actions, iso_accuracy, setting_prices, validation_selected
+from policy.evaluation import evaluate_actions, format_p, iso_accuracy, setting_prices, validation_selected
 from policy.sidecar import check_compatible, resolve_run
 from policy.training import controller_actions, load_backbone_for, outcome_table, train_controller
 
@@ -246,9 +246,9 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         lines.append(
             f"| {r['controller']} | {r['flops_penalty']:g} | {r['seed']} | {r['accuracy']:.2%} | "
             f"{fmt(r['mean_flops'])} | {1 - r['mean_flops'] / full['flops']:.1%} | "
-            f"{pct(r['front_accuracy_at_same_flops'])} | {_p(r['vs_best_fixed_p_value'])} | "
+            f"{pct(r['front_accuracy_at_same_flops'])} | {format_p(r['vs_best_fixed_p_value'])} | "
             f"{pct(r['validation_fixed_accuracy'])} ({r['validation_fixed_setting']}) | "
-            f"{_p(r['vs_validation_fixed_p_value'])} | {pct(r['early_exit_accuracy_at_same_flops'])} | "
+            f"{format_p(r['vs_validation_fixed_p_value'])} | {pct(r['early_exit_accuracy_at_same_flops'])} | "
             f"{'n/a' if rand is None else format(rand['accuracy'], '.2%')} | {r['distinct_settings']} |"
         )
     o = result["oracle"]
@@ -267,8 +267,9 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         lines.append(
             f"| {kind} | {h['penalty']:g} | {', '.join(map(str, h['seeds']))} | {h['accuracy_mean']:.2%} +- "
             f"{h['accuracy_sd']:.2%} | {fmt(h['mean_flops_mean'])} | "
-            f"{', '.join(pct(a) for a in h['front_accuracy'])} | {', '.join(_p(p) for p in h['vs_best_fixed_p_value'])}"
-            f" | {'yes' if h['above_front_all_seeds'] else 'no'} |"
+            f"{', '.join(pct(a) for a in h['front_accuracy'])} | "
+            f"{', '.join(format_p(p) for p in h['vs_best_fixed_p_value'])} | "
+            f"{'yes' if h['above_front_all_seeds'] else 'no'} |"
         )
     lines += ["", "## Iso-accuracy: controllers within 0.1 points of the full setting", ""]
     if result["iso_accuracy"]:
@@ -294,10 +295,6 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     ]
     text = "\n".join(lines) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def _p(p: float | None) -> str:
-    return "n/a" if p is None else f"{p:.2g}"
 
 
 def _figure():

@@ -21,7 +21,6 @@ import torch
 from backbone.checkpoint import DEFAULT_BACKBONE, load_backbone
 from backbone.settings import Setting
 from envs import get_observation
-from envs.observations import observe_embed, run_probe
 from policy.controller import actor_flops, choose_actions, load_ppo
 from policy.sidecar import check_compatible, resolve_run
 
@@ -72,9 +71,7 @@ class AdaptiveClassifier:
         """What every image pays before its setting runs: the probe stage's embedding, the probe and the controller's
         choice. Returns ``(memory, probe latents and logits or None, setting indices)`` for the setting to go on from;
         its time alone bounds the speed-up (``policy.benchmark``)."""
-        model = self.backbone
-        memory = observe_embed(model, _as_batch(images))
-        probe = run_probe(model, memory) if self.spec.probe else None
+        memory, probe = self.spec.embed_and_probe(self.backbone, _as_batch(images))
         return memory, probe, self.choose(memory, None if probe is None else probe[1])
 
     @torch.no_grad()

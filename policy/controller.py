@@ -37,6 +37,13 @@ def mlp_actor_flops(obs_dim: int, net_arch: list[int], logits: int) -> int:
     return sum(2 * a * b for a, b in itertools.pairwise(sizes))
 
 
+def action_logits(policy: ActorCriticPolicy, obs: torch.Tensor) -> torch.Tensor:
+    """The actor's logits ``(B, sum(nvec))`` for a batch of observations: features, actor MLP, action head."""
+    return policy.action_net(
+        policy.mlp_extractor.forward_actor(policy.extract_features(obs, policy.pi_features_extractor))
+    )
+
+
 def choose_actions(policy: ActorCriticPolicy, obs: torch.Tensor | np.ndarray) -> np.ndarray:
     """Deterministic actions ``(B, 3)`` (token, depth, width indices) for a batch of observations.
 
@@ -53,8 +60,7 @@ def choose_actions(policy: ActorCriticPolicy, obs: torch.Tensor | np.ndarray) ->
     if policy.training:
         policy.set_training_mode(False)  # what predict does, once instead of on every call
     with torch.no_grad():
-        latent = policy.mlp_extractor.forward_actor(policy.extract_features(obs, policy.pi_features_extractor))
-        logits = policy.action_net(latent).split(list(policy.action_dist.action_dims), dim=1)
+        logits = action_logits(policy, obs).split(list(policy.action_dist.action_dims), dim=1)
         # Categorical(logits=l) normalises by logsumexp and its mode is the argmax of softmax of that
         picks = [F.softmax(x - x.logsumexp(-1, keepdim=True), -1).argmax(1) for x in logits]
     return torch.stack(picks, 1).cpu().numpy()

@@ -108,7 +108,7 @@ def format_report(metrics: dict[str, Any], top: int = 5) -> str:
         f"  saving vs full setting       {m['flops_saving']:.1%}",
         f"  full setting                 {m['full_accuracy']:.2%} at {m['full_flops'] / 1e6:.2f} MFLOPs",
         f"  best fixed at <= same FLOPs  {m['best_fixed_accuracy_at_same_flops']:.2%}"
-        f"  ({m['best_fixed_setting_at_same_flops']}; McNemar p = {_fmt_p(m['vs_best_fixed_p_value'])})",
+        f"  ({m['best_fixed_setting_at_same_flops']}; McNemar p = {format_p(m['vs_best_fixed_p_value'], 3)})",
         f"  settings used                {m['distinct_settings']}; top {top} (tokens/depth/width):",
     ]
     for label, count in list(m["setting_counts"].items())[:top]:
@@ -116,8 +116,9 @@ def format_report(metrics: dict[str, Any], top: int = 5) -> str:
     return "\n".join(lines)
 
 
-def _fmt_p(p: float | None) -> str:
-    return "n/a" if p is None else f"{p:.3g}"
+def format_p(p: float | None, digits: int = 2) -> str:
+    """A p-value for reports: ``digits`` significant digits, ``n/a`` where there was nothing to compare with."""
+    return "n/a" if p is None else f"{p:.{digits}g}"
 
 
 def validation_selected(table, val_acc: np.ndarray, actions: np.ndarray, budget: float) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from backbone.fileio import atomic_write, write_json
 from envs import get_observation
 from policy.config import DEFAULT_POLICY_CONFIG, build_policy_config, check_penalties
 from policy.controller import mlp_actor_flops
-from policy.evaluation import evaluate_actions, iso_accuracy, setting_prices, validation_selected
+from policy.evaluation import evaluate_actions, format_p, iso_accuracy, setting_prices, validation_selected
 from policy.training import load_backbone_for, outcome_table
 
 
@@ -123,7 +123,7 @@ def run_reference(args: argparse.Namespace) -> dict[str, Any]:
         fits.append(fit | {"seed": seed, "fit_s": round(time.perf_counter() - t0, 1)})
         controller_flops = test.obs_flops + net.flops()
         for penalty in args.penalties:
-            actions = reference_actions(net, test.obs, price, int(test.flops[test.grid.full_index]), penalty)
+            actions = reference_actions(net, test.obs, price, test.grid.full_flops, penalty)
             m = evaluate_actions(test, actions, controller_flops, reused, priced)
             val = validation_selected(test, val_acc, actions, m["mean_flops"])
             rows.append({"controller": "reference", "flops_penalty": penalty, "seed": seed, "accuracy": m["accuracy"],
@@ -142,7 +142,7 @@ def run_reference(args: argparse.Namespace) -> dict[str, Any]:
         "fit": {"split": cfg.train_split, "hidden": args.hidden, "runs": fits},
         "full": {
             "accuracy": float(test.accuracy()[test.grid.full_index]),
-            "flops": int(test.flops[test.grid.full_index]),
+            "flops": test.grid.full_flops,
         },
         "rows": rows,
         "iso_accuracy": iso_accuracy(rows, fixed),
@@ -185,8 +185,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             else f"{r['validation_fixed_accuracy']:.2%} ({r['validation_fixed_setting']})"
         )
         lines.append(f"| {r['flops_penalty']:g} | {r['seed']} | {r['accuracy']:.2%} | {r['mean_flops'] / 1e6:.2f} | "
-                     f"{r['front_accuracy_at_same_flops']:.2%} | {_p(r['vs_best_fixed_p_value'])} | {val} | "
-                     f"{_p(r['vs_validation_fixed_p_value'])} | {cells[0]} | {cells[1]} |")  # fmt: skip
+                     f"{r['front_accuracy_at_same_flops']:.2%} | {format_p(r['vs_best_fixed_p_value'])} | {val} | "
+                     f"{format_p(r['vs_validation_fixed_p_value'])} | {cells[0]} | {cells[1]} |")  # fmt: skip
     iso = result["iso_accuracy"]
     lines += ["", "Iso-accuracy, rows within 0.1 points of the full setting against the cheapest fixed setting at "
         "least "
@@ -202,10 +202,6 @@ def _versus(row: dict) -> str:
     if cheapest is None:
         return "no fixed setting is as accurate"
     return f"{abs(saving):.0%} {'fewer' if saving >= 0 else 'more'} FLOPs than {cheapest}, the cheapest as accurate"
-
-
-def _p(p: float | None) -> str:
-    return "" if p is None else f"{p:.2g}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,6 @@ import torch
 from backbone.checkpoint import DEFAULT_BACKBONE, load_backbone
 from backbone.prediction_stats import prediction_stats
 from envs import SequentialSteps, get_observation
-from envs.observations import observe_embed, run_probe
 from envs.sequential_steps import STOP
 from policy.adaptive import Prediction, _as_batch
 from policy.controller import actor_flops, choose_actions, load_ppo
@@ -63,10 +62,8 @@ class SequentialClassifier:
         """What every image pays before its first block runs: the probe stage's embedding, the probe and the first
         decision (stage, tokens, width). Returns ``(memory, probe or None, observation, choice)``; its time alone
         bounds the speed-up (``policy.benchmark``)."""
-        model = self.backbone
-        memory = observe_embed(model, _as_batch(images))
-        probe = run_probe(model, memory) if self.spec.probe else None
-        base = self.spec.compute(model, memory, None if probe is None else probe[1]).cpu().numpy()
+        memory, probe = self.spec.embed_and_probe(self.backbone, _as_batch(images))
+        base = self.spec.compute(self.backbone, memory, None if probe is None else probe[1]).cpu().numpy()
         return memory, probe, base, self._decide(self.steps.first(base))[:, :-1].astype(np.int64)
 
     @torch.no_grad()

@@ -150,7 +150,7 @@ def test_reference_selector_reaches_the_planted_optimum(planted) -> None:
     train_table, test = planted["tables"]["policy-train"], planted["tables"]["test"]
     net, fit = fit_correctness(train_table.obs, train_table.correct, seed=0, epochs=30)
     penalty = 1.0
-    full = int(test.flops[test.grid.full_index])
+    full = test.grid.full_flops
     actions = reference_actions(net, test.obs, test.flops, full, penalty)
     rewards = test.reward_matrix("correct", penalty)
     flat = rewards.reshape(len(rewards), -1)
@@ -189,7 +189,7 @@ def test_ppo_earns_what_the_full_information_reference_does_on_the_real_task(tmp
     test = outcome_table(model, cfg, cfg.eval_split, 0, progress=False)
     net, _ = fit_correctness(train_table.obs, train_table.correct, seed=0)
     priced, reused = setting_prices(model, get_observation(test.observation))
-    full = int(test.flops[test.grid.full_index])
+    full = test.grid.full_flops
     actions = reference_actions(net, test.obs, priced - reused, full, cfg.flops_penalty)
     ref = evaluate_actions(test, actions, test.obs_flops + net.flops(), reused, priced)
     reward = {
