@@ -53,7 +53,7 @@ check-install: data
 	cd $(CHECK_DIR) && $(CHECK_VENV)/bin/adaperceiver-train-policy --timesteps 2048 --train-limit 1000 --eval-limit 500 --no-progress --cache-dir $(CHECK_DIR)/cache
 	ls $(CHECK_DIR)/runs/*
 
-# Regenerate the figures under docs/results from the shipped backbone (about an hour on 2 cores; one heavy job at a
+# Regenerate the figures under docs/results from the shipped backbone (about 35 minutes on 2 cores; one heavy job at a
 # time). The backbone itself: python -m backbone.train --config configs/backbone_fmnist_stages.yaml
 RESULTS := docs/results
 results: install
@@ -64,12 +64,14 @@ results: install
 	$(PY) -m policy.ablation --penalties 0.003 0.01 0.03 0.1 0.3 1 --controllers oneshot sequential --seeds 0 1 2 \
 		--policies $(RESULTS)/demo_p0.3 --out $(RESULTS)
 	cp -r runs/ablation/fmnist__sequential__p0.3__s0 $(RESULTS)/sequential_p0.3
+	$(PY) -m policy.reference --ablation $(RESULTS)/ablation.json --out $(RESULTS)/reference
 	$(PY) -m benchmarks.bench_backbone --model adaperceiver_fmnist_stages --json $(RESULTS)/bench_backbone.json
 	$(PY) -m benchmarks.bench_env --json $(RESULTS)/bench_env.json
 	$(PY) -m benchmarks.bench_train_step --model adaperceiver_fmnist_stages --json $(RESULTS)/bench_train_step.json
 	for i in 1 2 3; do $(PY) -m policy.benchmark --policy $(RESULTS)/demo_p0.3 --json $(RESULTS)/bench_adaptive_p0.3/run$$i.json; done
 	for i in 1 2 3; do $(PY) -m policy.benchmark --policy $(RESULTS)/sequential_p0.3 --json $(RESULTS)/bench_sequential_p0.3/run$$i.json; done
 	for b in 256 1; do $(PY) -m benchmarks.profile_adaptive --policy $(RESULTS)/demo_p0.3 --batch-size $$b --out $(RESULTS)/profile/after_batch$$b.txt; done
+	for i in 1 2 3; do $(PY) -m benchmarks.compile_front --policy $(RESULTS)/demo_p0.3 --json $(RESULTS)/compile_front/run$$i.json; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

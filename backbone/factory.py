@@ -92,7 +92,7 @@ def adaperceiver_fmnist(pretrained: bool = False, **kwargs: Any) -> AdaPerceiver
 def adaperceiver_fmnist_stages(pretrained: bool = False, **kwargs: Any) -> AdaPerceiver:
     """``adaperceiver_fmnist`` plus the input-side axis of issue 18: the stem can exit before any convolution (a
     linear patch embedding) or after its first or second one (average pooling to the 7x7 grid + 1x1 conv to the
-    tokens), and the grid reaches down to 2 latents and FFN width 16: 4 x 5 x 8 x 4 = 640 settings from 2.5 to
+    tokens), and the grid reaches down to 2 latents and FFN width 16: 4 x 5 x 8 x 4 = 640 settings from 1.1 to
     115.8 MFLOPs (docs/results, adapter-stage pilots and runs)."""
     grid = {"token_granularities": (2, 4, 8, 16, 32), "widths": (16, 32, 64, 128)}
     size = {**FMNIST_SIZE, "stem_exits": (0, 1, 2), **grid}

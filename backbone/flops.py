@@ -4,9 +4,9 @@ Convention: 2 FLOPs per multiply-add of every matmul and convolution that runs f
 ``torch.utils.flop_counter.FlopCounterMode`` counts. Element-wise work (norms, GELU, softmax, RoPE, biases)
 is not counted there and not here; it is under 2% of the total for the shipped shapes.
 
-Two small terms do not depend on the input (the read's latent queries and the write's output query); they are
-computed once per batch but counted here per image, so the analytic figure is exact at batch 1 and a slight
-over-estimate for larger batches.
+Small terms that do not depend on the input (the read's latent queries, taken through the key projection when the
+read is folded, and the write's output query) are computed once per batch but counted here per image, so the
+analytic figure is exact at batch 1 and a slight over-estimate for larger batches.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from backbone.config import AdaPerceiverConfig
 if TYPE_CHECKING:
     from torch import nn
 
-# Parts of a setting that every setting of the same image shares (computed once by ``AdaPerceiver.embed``).
+# Parts of a setting that settings of the same image and stage share (``AdaPerceiver.embed``; the patch keys/values
+# only among settings whose read is not folded, :func:`read_is_folded`).
 SHARED_PARTS = ("embed", "read_kv")
 
 
@@ -55,17 +56,34 @@ def embed_flops(cfg: AdaPerceiverConfig, stage: int | None = None) -> int:
     return embed + 4 * p * t * cfg.embed_mlp_hidden  # full-width MLP after the position embedding (0 when off)
 
 
+def _read_flops(cfg: AdaPerceiverConfig, num_tokens: int, folded: bool) -> tuple[int, int]:
+    """(keys/values of all patches, the rest of the read) per image, projected or folded (:func:`read_is_folded`)."""
+    g, d, p, t, heads = num_tokens, cfg.embed_dim, cfg.num_patches, cfg.token_dim, cfg.num_heads
+    if folded:  # queries, queries through W_k, scores and weighted sums over the patch tokens, W_v, out proj
+        return 0, 2 * g * d * d + 2 * g * d * t + 4 * heads * g * p * t + 2 * g * t * d + 2 * g * d * d
+    return 4 * p * t * d, 2 * g * d * d + 4 * g * p * d + 2 * g * d * d  # k/v; queries, attention, out proj
+
+
+def read_is_folded(cfg: AdaPerceiverConfig, num_tokens: int) -> bool:
+    """Whether the read of ``num_tokens`` latents runs folded: its queries taken through the key projection and its
+    weighted patch tokens through the value projection (:meth:`CrossAttention.attend_folded`), which skips projecting
+    every patch's key and value. The same function either way; folded is chosen where it has fewer FLOPs, which is
+    when there are fewer (heads x latents) than about ``embed_dim`` (the small settings)."""
+    return sum(_read_flops(cfg, num_tokens, True)) < sum(_read_flops(cfg, num_tokens, False))
+
+
 def flops_breakdown(
     cfg: AdaPerceiverConfig, num_tokens: int, depth: int, width: int, stage: int | None = None
 ) -> dict[str, int]:
     """FLOPs per image of each part of the forward pass at setting ``(num_tokens, depth, width, stage)``."""
-    g, d, p, c, t = num_tokens, cfg.embed_dim, cfg.num_patches, cfg.num_classes, cfg.token_dim
+    g, d, c = num_tokens, cfg.embed_dim, cfg.num_classes
     h = cfg.hidden_dim(width)
     block = 6 * g * d * d + 4 * g * g * d + 2 * g * d * d + 4 * g * d * h  # qkv, attention, proj, MLP
+    read_kv, read = _read_flops(cfg, g, read_is_folded(cfg, g))
     return {
         "embed": embed_flops(cfg, stage),  # stem convolution(s), projection to tokens, patch context
-        "read_kv": 4 * p * t * d,  # keys/values of all patches
-        "read": 2 * g * d * d + 4 * g * p * d + 2 * g * d * d,  # latent queries, attention, out proj
+        "read_kv": read_kv,  # keys/values of all patches (none when the read is folded)
+        "read": read,  # the rest of the read cross-attention
         "blocks": depth * block,
         "write": 2 * d * d + 4 * g * d * d + 4 * g * d + 2 * d * d,  # query, k/v of g latents, attention, proj
         "head": 2 * d * c,

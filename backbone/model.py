@@ -11,9 +11,11 @@ Data flow for one setting ``(g, d, w)``::
 The options the released checkpoints need (``embed_mlp``, ``norm_eps``, ``head_norm=False``, ``rope_fp32``,
 ``latent_mask="none"``) are off by default, and off they add no parameter: older checkpoints load unchanged.
 
-Patches never enter the block stack. The patch keys/values of the read are the same for every setting, so
+Patches never enter the block stack. The patch tokens are the same for every setting of a stage, so
 :meth:`AdaPerceiver.embed` computes them once (:class:`PatchMemory`) and any number of settings can be run from
-them (the probe of the controller and the setting it then picks share this work).
+them (the probe of the controller and the setting it then picks share this work). A read of few latents is folded:
+its queries go through the key projection instead of every patch through it (``CrossAttention.attend_folded``);
+larger reads project the patch keys/values once per memory and share them.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from timm.layers import PatchEmbed, trunc_normal_
 from torch import nn
 
 from backbone.config import AdaPerceiverConfig
-from backbone.flops import flops_breakdown
+from backbone.flops import flops_breakdown, read_is_folded
 from backbone.layers import (
     Block,
     ConvStem,
@@ -47,22 +49,24 @@ Width = int | Sequence[int] | torch.Tensor | None
 
 @dataclass
 class PatchMemory:
-    """What every setting of one stage shares for a batch: the patch tokens and the read's keys/values over them.
+    """What every setting of one stage shares for a batch: the patch tokens and, once a read needs them, the read's
+    keys/values over them (:meth:`AdaPerceiver.read_keys_values`; a folded read never does).
 
     ``features`` is the conv stem's feature map at ``stage`` (None for a patch stem or per-sample stages), kept so
     that a deeper stage can continue from it (:meth:`AdaPerceiver.continue_embed`).
     """
 
     tokens: torch.Tensor  # (B, P, token_dim) patch embedding + position embedding
-    k: torch.Tensor  # (B, heads, P, head_dim)
-    v: torch.Tensor  # (B, heads, P, head_dim)
     features: torch.Tensor | None = None  # (B, C, H, W) stem feature map the tokens were projected from
     stage: int | None = None  # stem convs run (an entry of cfg.stages); None = per-sample stages
+    k: torch.Tensor | None = None  # (B, heads, P, head_dim), computed on first use
+    v: torch.Tensor | None = None  # (B, heads, P, head_dim)
 
     def __getitem__(self, index: torch.Tensor | slice) -> PatchMemory:
         """Rows of the batch (used to run a group of samples at one setting)."""
         features = None if self.features is None else self.features[index]
-        return PatchMemory(self.tokens[index], self.k[index], self.v[index], features, self.stage)
+        k, v = (None, None) if self.k is None else (self.k[index], self.v[index])
+        return PatchMemory(self.tokens[index], features, self.stage, k, v)
 
 
 class AdaPerceiver(nn.Module):
@@ -242,8 +246,7 @@ class AdaPerceiver(nn.Module):
         tokens = self.patch_context(tokens) + self.pos_embed
         if self.cfg.embed_mlp:
             tokens = self.embed_mlp(tokens)
-        k, v = self.read.project_kv(tokens)
-        return PatchMemory(tokens, k, v, features, stage)
+        return PatchMemory(tokens, features, stage)
 
     def _as_memory(self, x: torch.Tensor | PatchMemory, stage: int | None) -> PatchMemory:
         """Images -> their memory at ``stage``; a memory -> itself, continued to ``stage`` when one is given."""
@@ -251,12 +254,23 @@ class AdaPerceiver(nn.Module):
             return x if stage is None else self.continue_embed(x, stage)
         return self.embed(x, stage)
 
+    def read_keys_values(self, memory: PatchMemory) -> tuple[torch.Tensor, torch.Tensor]:
+        """The read's keys and values over ``memory``'s patches, computed once and kept in the memory."""
+        if memory.k is None:
+            memory.k, memory.v = self.read.project_kv(memory.tokens)
+        return memory.k, memory.v
+
     def read_latents(self, memory: PatchMemory, num_tokens: int) -> torch.Tensor:
-        """Latents ``(B, g, D)`` after reading the patches, before any block. The queries do not depend on the input."""
+        """Latents ``(B, g, D)`` after reading the patches, before any block. The queries do not depend on the input.
+
+        Few latents read folded (``backbone.flops.read_is_folded``): no patch key or value is projected.
+        """
         latents = self.latent.expand(1, num_tokens, -1)
         q = self.read.project_q(latents, self.rope)
-        b = memory.k.shape[0]
-        return latents + self.read.attend(q.expand(b, -1, -1, -1), memory.k, memory.v)
+        if read_is_folded(self.cfg, num_tokens):
+            return latents + self.read.attend_folded(q, memory.tokens)
+        k, v = self.read_keys_values(memory)
+        return latents + self.read.attend(q.expand(k.shape[0], -1, -1, -1), k, v)
 
     def _write(self, latents: torch.Tensor, write_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits from latents; with ``write_mask`` (Q, N) one write-out per mask row: ``(B, Q, classes)``."""
@@ -350,7 +364,7 @@ class AdaPerceiver(nn.Module):
         """
         _, _, w = self.resolve_setting(None, None, width)
         memory = self._as_memory(x, stage)
-        hidden = self._hidden(w, memory.k.shape[0])
+        hidden = self._hidden(w, memory.tokens.shape[0])
         if self.cfg.latent_mask == "none":
             return torch.stack([self._forward_all_depths(memory, g, hidden) for g in self.cfg.token_granularities], 1)
         latents = self.read_latents(memory, self.cfg.max_tokens)

@@ -43,7 +43,8 @@ def read_attention(model: AdaPerceiver, images: torch.Tensor, num_tokens: int | 
     g, _, _ = model.resolve_setting(num_tokens, None, None)
     memory = model.embed(images)
     q = model.read.project_q(model.latent.expand(1, g, -1), model.rope)  # (1, heads, g, head_dim)
-    return (q @ memory.k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(dim=-1)
+    k, _ = model.read_keys_values(memory)
+    return (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(dim=-1)
 
 
 def read_attention_stats(

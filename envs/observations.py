@@ -1,7 +1,7 @@
 """Observation specs: the cheap per-image features the controller sees before it picks a setting (DESIGN §5).
 
 Every spec works from the :class:`~backbone.model.PatchMemory` that :meth:`AdaPerceiver.embed` returns. That memory
-(patch embedding + the read's keys/values) is shared with whatever setting the controller then runs, so its cost is
+(the patch tokens of a stage) is shared with whatever setting the controller then runs at that stage, so its cost is
 already part of ``FLOPs(setting)``; :meth:`ObservationSpec.flops` counts only the controller's *extra* work on top.
 
 Features:
@@ -74,9 +74,10 @@ def _probe_flops(model: AdaPerceiver) -> int:
 def _memory_flops(model: AdaPerceiver) -> tuple[int, int]:
     """(FLOPs of the observation's memory, the part of it that every setting does anyway).
 
-    Without stem exits every setting shares the whole memory (stem + the read's keys/values). With them, a
-    deeper setting shares only the stem convolutions of the probe's stage and continues from there; the probe
-    stage's token projection, patch context and keys/values are the controller's own cost.
+    Without stem exits every setting shares the whole memory (the stem's patch tokens, and the read's keys/values
+    if the probe's read projects them; a folded read has none). With them, a deeper setting shares only the stem
+    convolutions of the probe's stage and continues from there; the probe stage's token projection and patch
+    context are the controller's own cost.
     """
     parts = flops_breakdown(model.cfg, *probe_setting(model))
     memory = sum(parts[k] for k in SHARED_PARTS)
@@ -143,7 +144,7 @@ class ObservationSpec:
 
     def flops(self, model: AdaPerceiver) -> int:
         """Controller-overhead FLOPs per image: the observation's work beyond what every setting does anyway
-        (without stem exits, the shared ``embed`` + ``read_kv`` are paid by the setting)."""
+        (without stem exits, the shared ``embed`` and any ``read_kv`` are paid by the setting)."""
         memory, common = _memory_flops(model)
         return memory - common + _pooled_flops(model) * self.pooled + _probe_flops(model) * self.probe
 

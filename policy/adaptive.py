@@ -1,6 +1,7 @@
 """Compute-saving inference: each input runs at the setting its controller picked, for real.
 
-For a batch: embed once (stem + the read's patch keys/values, shared by every setting), compute the controller's
+For a batch: embed once (the probe stage's patch tokens, shared by every setting of that stage; deeper stages continue
+its stem, and reads of many latents project keys/values only for their own rows), compute the controller's
 observation from that (running the cheap probe setting), choose settings deterministically, then run the batch
 grouped by (tokens, width). A group reads its latents once and goes through the blocks with early exit: rows are
 sorted deepest first, so after each block the rows whose chosen depth is reached are written out and the rest

@@ -31,7 +31,7 @@ from backbone import (
     save_backbone,
 )
 from backbone.checkpoint import FORMAT, FORMAT_VERSION, METADATA_KEY
-from backbone.flops import SHARED_PARTS
+from backbone.flops import SHARED_PARTS, read_is_folded
 from backbone.layers import MatryoshkaMlp, PatchContext
 from backbone.settings import Setting
 from backbone.training import joint_loss
@@ -261,9 +261,42 @@ def test_flops_breakdown_sums_and_shared_parts(fmnist: AdaPerceiver) -> None:
     parts = flops_breakdown(fmnist.cfg, 8, 3, 64)
     assert sum(parts.values()) == fmnist.flops(8, 3, 64)
     assert set(SHARED_PARTS) <= set(parts)
-    # the shared parts do not depend on the setting
-    other = flops_breakdown(fmnist.cfg, 32, 8, 128)
-    assert all(parts[p] == other[p] for p in SHARED_PARTS)
+    # the shared parts do not depend on the setting, among settings whose read projects the patch keys/values
+    other, wide = flops_breakdown(fmnist.cfg, 32, 8, 128), flops_breakdown(fmnist.cfg, 16, 1, 16)
+    assert not read_is_folded(fmnist.cfg, 32) and not read_is_folded(fmnist.cfg, 16)
+    assert all(wide[p] == other[p] for p in SHARED_PARTS)
+    assert read_is_folded(fmnist.cfg, 8) and parts["read_kv"] == 0 < other["read_kv"]  # a folded read has none
+
+
+@pytest.mark.parametrize("name", ["adaperceiver_fmnist_stages", "adaperceiver_in1k"])
+def test_read_is_folded_exactly_where_it_is_cheaper(name: str) -> None:
+    """Folding pays while heads x latents is small against the embedding width; every granularity up to some
+    size folds and none after it (fmnist: 2, 4, 8 of 32; the ImageNet model: 32 of 256)."""
+    cfg = create_model(name).cfg
+    folded = [read_is_folded(cfg, g) for g in cfg.token_granularities]
+    assert folded[0] and not folded[-1] and folded == sorted(folded, reverse=True)
+    for g, f in zip(cfg.token_granularities, folded, strict=True):
+        projected = 4 * cfg.num_patches * cfg.token_dim * cfg.embed_dim + 4 * g * cfg.num_patches * cfg.embed_dim
+        fold = 4 * cfg.num_heads * g * cfg.num_patches * cfg.token_dim + 4 * g * cfg.embed_dim * cfg.token_dim
+        assert f == (fold < projected)
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_folded_read_equals_the_projected_read(qkv_bias: bool) -> None:
+    """``attend_folded`` is ``attend`` over the projected keys/values, biases included, for any number of queries."""
+    torch.manual_seed(0)
+    m = create_model("adaperceiver_test", qkv_bias=qkv_bias).eval()
+    for p in m.read.parameters():  # non-trivial norms and biases, so dropping or misplacing a term would show
+        torch.nn.init.normal_(p, std=0.3)
+    tokens = torch.randn(5, m.cfg.num_patches, m.cfg.token_dim)
+    with torch.no_grad():
+        for g in (1, 3, m.cfg.max_tokens):
+            q = m.read.project_q(torch.randn(1, g, m.cfg.embed_dim), m.rope)
+            k, v = m.read.project_kv(tokens)
+            want = m.read.attend(q.expand(5, -1, -1, -1), k, v)
+            torch.testing.assert_close(m.read.attend_folded(q, tokens), want, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="cannot be folded"):
+            m.write.attend_folded(q, torch.randn(5, 4, m.cfg.embed_dim))
 
 
 def test_flops_match_counter_with_patch_context() -> None:
@@ -354,11 +387,14 @@ def test_narrow_patch_tokens_shrink_the_read_and_flops_match() -> None:
     x = torch.rand(2, 1, 28, 28)
     memory = narrow.embed(x)
     assert memory.tokens.shape == (2, narrow.cfg.num_patches, 16)
-    assert memory.k.shape[-1] * narrow.cfg.num_heads == narrow.cfg.embed_dim  # keys/values still have width D
+    k, _ = narrow.read_keys_values(memory)
+    assert k.shape[-1] * narrow.cfg.num_heads == narrow.cfg.embed_dim  # keys/values still have width D
     for setting in [narrow.grid.smallest, narrow.grid.full]:
         _assert_flops_match(narrow, setting)
-    p, d, c = narrow.cfg.num_patches, narrow.cfg.embed_dim, narrow.cfg.stem_dims[-1]
-    saved = 4 * p * (d - 16) * d + 2 * p * c * 4 * (d - 16) + 2 * p * (d - 16) * 9  # read k/v, projection, context
+    p, d, c, g, h = narrow.cfg.num_patches, narrow.cfg.embed_dim, narrow.cfg.stem_dims[-1], 8, narrow.cfg.num_heads
+    assert read_is_folded(narrow.cfg, g) and read_is_folded(base.cfg, g)  # the full read's 8 latents fold
+    read = 4 * h * g * p * (d - 16) + 4 * g * d * (d - 16)  # scores and weighted sums over tokens; W_k and W_v
+    saved = read + 2 * p * c * 4 * (d - 16) + 2 * p * (d - 16) * 9  # the read, the projection, the context
     assert base.flops() - narrow.flops() == saved
 
 

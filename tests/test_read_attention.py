@@ -29,7 +29,7 @@ def test_weights_reproduce_the_read(model, square_images) -> None:
     torch.testing.assert_close(attn.sum(-1), torch.ones(attn.shape[:-1]))
     with torch.no_grad():
         memory = model.embed(x)
-        rebuilt = model.latent + model.read.proj(_merge_heads(attn @ memory.v))
+        rebuilt = model.latent + model.read.proj(_merge_heads(attn @ model.read_keys_values(memory)[1]))
         torch.testing.assert_close(rebuilt, model.read_latents(memory, model.cfg.max_tokens), atol=1e-5, rtol=1e-5)
 
 

@@ -19,7 +19,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 from backbone import create_model, measure_flops, save_backbone
 from backbone.data import load_split
-from backbone.flops import flop_counter
+from backbone.flops import flop_counter, read_is_folded
 from backbone.settings import Setting
 from backbone.sweep import sweep
 from backbone.training import joint_loss, sample_stages, train_step
@@ -32,8 +32,12 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def model():
+    """8 heads of width 4, so that reads of 2 and 4 latents are folded and reads of 8 project the keys/values: both
+    kinds of read run side by side at every stage below."""
     torch.manual_seed(0)
-    return create_model("adaperceiver_test_stages", ls_init_values=1.0).eval()
+    m = create_model("adaperceiver_test_stages", ls_init_values=1.0, num_heads=8).eval()
+    assert [read_is_folded(m.cfg, g) for g in m.cfg.token_granularities] == [True, True, False]
+    return m
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +85,8 @@ def test_continuing_some_rows_equals_running_them_alone(model, images) -> None:
         for stage in (0, 2, 3):
             part = model.continue_embed(first, stage, rows)
             direct = model.embed(images[rows], stage)
-            for got, want in ((part.tokens, direct.tokens), (part.k, direct.k), (part.v, direct.v)):
+            torch.testing.assert_close(part.tokens, direct.tokens, atol=ATOL, rtol=0)
+            for got, want in zip(model.read_keys_values(part), model.read_keys_values(direct), strict=True):
                 torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
@@ -97,7 +102,7 @@ def test_per_sample_stages_equal_per_stage_runs(model, images) -> None:
 
 
 def test_the_deepest_stage_is_the_model_without_exits(model, images) -> None:
-    plain = create_model("adaperceiver_test_stages", stem_exits=()).eval()
+    plain = create_model("adaperceiver_test_stages", stem_exits=(), num_heads=model.cfg.num_heads).eval()
     missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
     assert not missing and all(k.startswith("stem.exits.") for k in unexpected) and unexpected
     with torch.no_grad():
@@ -257,6 +262,25 @@ def test_every_stage_is_priced_and_run_for_real(staged_run, images) -> None:
         assert counted.get_total_flops() == pytest.approx(pred.flops[0] - elementwise - actor, rel=0.01), action
         with torch.no_grad():
             torch.testing.assert_close(pred.logits, clf.backbone(x, *pred.settings[0]), atol=ATOL, rtol=ATOL)
+    # one batch mixing folded reads (2, 4 latents) and projected ones (8) at the same stages, each row equal to its
+    # image run alone, and the keys/values projected only for the rows that read them (the FLOPs say so)
+    mixed = np.array([(0, 0, 1, 0), (0, 2, 1, 1), (0, 1, 2, 2), (3, 2, 0, 0), (3, 0, 2, 1), (0, 2, 2, 2)])
+    clf.choose = lambda memory, probe_logits=None: mixed[: len(memory.tokens)]
+    x = images[: len(mixed)]
+    with flop_counter() as counted:
+        pred = clf.predict(x)
+    analytic = (pred.flops - elementwise - actor).sum()
+    # batched, the input-independent queries (the read's, through W_k when folded, and the write's) run once per
+    # group rather than once per row: at most that much less, never more (no keys/values for rows that fold)
+    d, t = cfg.embed_dim, cfg.token_dim
+    independent = sum(2 * s.tokens * d * d + 2 * s.tokens * d * t * read_is_folded(cfg, s.tokens) + 2 * d * d
+                      for s in pred.settings)  # fmt: skip
+    assert analytic - independent <= counted.get_total_flops() <= analytic
+    with torch.no_grad():
+        for i, setting in enumerate(pred.settings):
+            assert setting == clf.grid.setting(tuple(mixed[i]))
+            alone = clf.backbone(x[i : i + 1], *setting)
+            torch.testing.assert_close(pred.logits[i : i + 1], alone, atol=ATOL, rtol=ATOL)
 
 
 def test_table_evaluation_equals_running_the_controller(staged_run) -> None:

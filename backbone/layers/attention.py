@@ -91,3 +91,30 @@ class CrossAttention(nn.Module):
     ) -> torch.Tensor:
         """Attention of projected ``q`` over projected ``k``/``v``, then the output projection."""
         return self.proj(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)))
+
+    def attend_folded(self, q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
+        """``attend(q, *project_kv(x_kv))`` (no RoPE on the key side) without projecting any key or value.
+
+        With ``k_i = W_k x_i + b_k``, ``q . k_i = (W_k^T q) . x_i + q . b_k``; the last term is the same for every
+        key, so the softmax drops it. The weights sum to one, so ``sum_i a_i v_i = W_v (sum_i a_i x_i) + b_v``. The
+        queries go through ``W_k`` once per batch (they do not depend on the input), and each image pays only the
+        scores and weighted sums over its tokens: fewer FLOPs than the keys/values of every token while
+        ``heads x queries`` is under about ``dim`` (``backbone.flops.read_is_folded``).
+
+        Args:
+            q: Projected queries ``(1, heads, Q, head_dim)``, the same for the whole batch.
+            x_kv: Source tokens ``(B, N, kv_dim)`` (before the key/value norm).
+        """
+        if self.rope_side == "k":
+            raise ValueError("a read with RoPE on its keys cannot be folded")
+        b = x_kv.shape[0]
+        heads, queries, head_dim = q.shape[1], q.shape[2], q.shape[3]
+        w_k, w_v = self.kv.weight.view(2, heads, head_dim, -1).unbind(0)  # (heads, head_dim, kv_dim) each
+        u = ((q[0] @ w_k) * head_dim**-0.5).flatten(0, 1)  # (heads * Q, kv_dim)
+        x = self.norm_kv(x_kv)
+        attn = (x @ u.t()).softmax(dim=1)  # (B, N, heads * Q): the softmax runs over the N source tokens
+        z = (attn.transpose(1, 2) @ x).view(b, heads, queries, -1)  # (B, heads, Q, kv_dim) weighted tokens
+        out = (z.transpose(0, 1).flatten(1, 2) @ w_v.transpose(1, 2)).view(heads, b, queries, head_dim)
+        if self.kv.bias is not None:
+            out = out + self.kv.bias.view(2, heads, 1, 1, head_dim)[1]
+        return self.proj(out.permute(1, 2, 0, 3).reshape(b, queries, heads * head_dim))

@@ -108,7 +108,7 @@ class StagedAdaPerceiver(AdaPerceiver):
         """Shared part after the stem: patch context, position embedding, the read's keys/values."""
         tokens = self.patch_context(tokens) + self.pos_embed
         k, v = self.read.project_kv(tokens)
-        return PatchMemory(tokens, k, v)
+        return PatchMemory(tokens, k=k, v=v)
 
     def embed_stage(self, x: torch.Tensor, stage: int = NUM_STAGES) -> PatchMemory:
         """``embed`` with the tokens of one stem stage (stage 3 = the shipped model's ``embed``)."""
