@@ -12,6 +12,8 @@ Two fixed-setting fronts are reported: the test front (the best test accuracy at
 max over hundreds of noisy estimates, so biased upwards) and the validation-selected front (the setting that is
 best on the controllers' own policy-train split, scored on test), the fair one: a controller is also chosen
 without seeing test. Confidence early exit is the envelope over every (stage, tokens, width) path and threshold.
+The probe cascade (answer with the probe when its top-1 probability >= tau, else run one setting X) is chosen per
+penalty on policy-train, like a controller, by the same reward, and compared with the controller of that penalty.
 """
 
 from __future__ import annotations
@@ -31,14 +33,23 @@ from backbone.interrupt import EXIT_INTERRUPTED
 from backbone.pareto import front_accuracy_at, pareto_front
 from backbone.settings import Setting
 from envs import SequentialSteps, get_observation
-from policy.baselines import early_exit, oracle, random_matched
+from envs.observations import probe_setting
+from policy.baselines import cascade_outcome, early_exit, oracle, probe_cascade, random_matched
 from policy.config import CONTROLLERS, DEFAULT_POLICY_CONFIG, build_policy_config, check_penalties
 from policy.controller import load_ppo
-from policy.evaluation import evaluate_actions, format_p, iso_accuracy, setting_prices, validation_selected
+from policy.evaluation import (
+    evaluate_actions,
+    format_p,
+    iso_accuracy,
+    mcnemar_p,
+    setting_prices,
+    validation_selected,
+)
 from policy.sidecar import check_compatible, resolve_run
 from policy.training import controller_actions, load_backbone_for, outcome_table, train_controller
 
 TAUS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.01)
+CASCADE_TAUS = tuple(np.unique(np.r_[np.linspace(0.5, 1.0, 51), TAUS]).tolist())  # 1.01: never stop at the probe
 
 
 def find_or_train(
@@ -91,19 +102,21 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
     fixed = grid.table(acc)
     early = early_exit_paths(model, table)
     early_front = envelope(early)
-    val_acc = outcome_table(model, cfg, cfg.train_split, cfg.train_limit).accuracy()  # for the fair front
+    train = outcome_table(model, cfg, cfg.train_split, cfg.train_limit)
+    val_acc = train.accuracy()  # for the fair front
 
     given = {}
     for run in args.policies or []:
         _, side = resolve_run(run)
         given[(side.get("controller", "oneshot"), float(side["flops_penalty"]), int(side["seed"]))] = Path(run)
     penalties = sorted(set(args.penalties) | {p for _, p, _ in given})
+    cascades = {p: cascade_for_penalty(model, train, table, p) for p in penalties}
     controllers = []
     for kind in args.controllers:
         for p in penalties:
             for seed in args.seeds if p == args.headline_penalty else args.seeds[:1]:
                 run = find_or_train(base, p, given, Path(args.runs_dir), seed, cfg.task, kind)
-                controllers.append(score_run(run, model, table, val_acc, early_front, args.seed))
+                controllers.append(score_run(run, model, table, val_acc, early_front, args.seed, cascades))
     return {
         "backbone": str(model.checkpoint_path),
         "backbone_sha256": model.checkpoint_sha256,
@@ -118,6 +131,7 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
         "early_exit": early,
         "early_exit_envelope": early_front,
         "oracle": oracle(table.correct, flops),
+        "probe_cascade": [{k: v for k, v in c.items() if k != "outcome"} for c in cascades.values()],
         "controllers": controllers,
         "headline": headline(controllers, args.headline_penalty),
         "iso_accuracy": iso_accuracy(controllers, fixed),
@@ -139,6 +153,29 @@ def early_exit_paths(model, table) -> dict[str, list[dict]]:
     return early
 
 
+def cascade_for_penalty(model, train, test, penalty: float) -> dict[str, Any]:
+    """The probe cascade (threshold and second setting) of highest mean reward ``accuracy - penalty * FLOPs /
+    FLOPs(full)`` on ``train`` (policy-train, as a controller is chosen), scored on ``test``."""
+    spec = get_observation("probe")  # the cascade sees the probe's top-1 probability and nothing else
+    grid, reused, overhead = train.grid, spec.reused_flops(model), spec.flops(model)
+    probe = grid.index(probe_setting(model))  # the cheapest setting
+    acc, cost = probe_cascade(train.correct, train.confidence, grid.flops, reused, overhead, CASCADE_TAUS, probe)
+    best = np.unravel_index(int((acc - penalty * cost / grid.full_flops).argmax()), acc.shape)
+    tau, setting = CASCADE_TAUS[best[0]], tuple(int(i) for i in best[1:])
+    ok, spent = cascade_outcome(test.correct, test.confidence, grid.flops, reused, overhead, tau, setting, probe)
+    return {
+        "flops_penalty": penalty,
+        "tau": tau,
+        "setting": str(grid.setting(setting)),
+        "train_accuracy": float(acc[best]),
+        "train_mean_flops": float(cost[best]),
+        "accuracy": float(ok.mean()),
+        "mean_flops": float(spent.mean()),
+        "stopped_at_probe": float((test.confidence[(slice(None), *probe)] >= tau).mean()),
+        "outcome": ok,
+    }
+
+
 def envelope(early: dict[str, list[dict]]) -> list[dict]:
     """The best early exit at each cost: the Pareto front of every path's (threshold) points."""
     points = [{**e, "path": label} for label, rows in early.items() for e in rows]
@@ -146,8 +183,11 @@ def envelope(early: dict[str, list[dict]]) -> list[dict]:
     return [points[i] for i in front]
 
 
-def score_run(run: Path, model, table, val_acc: np.ndarray, early_front: list[dict], seed: int) -> dict[str, Any]:
-    """One controller on the test table, next to every baseline at its mean FLOPs."""
+def score_run(
+    run: Path, model, table, val_acc: np.ndarray, early_front: list[dict], seed: int, cascades: dict[float, dict]
+) -> dict[str, Any]:
+    """One controller on the test table, next to every baseline at its mean FLOPs and the probe cascade chosen for
+    its penalty."""
     zip_path, side = resolve_run(run)
     check_compatible(side, model.checkpoint_sha256, model.grid, table.observation)
     policy = load_ppo(zip_path).policy
@@ -161,6 +201,8 @@ def score_run(run: Path, model, table, val_acc: np.ndarray, early_front: list[di
     grid, budget = table.grid, m["mean_flops"]
     cost = (priced[index] - reused[index]).astype(np.float64) + m["controller_flops"]
     early_acc = front_accuracy_at([e["mean_flops"] for e in early_front], [e["accuracy"] for e in early_front], budget)
+    cascade = cascades[float(side["flops_penalty"])]
+    correct = table.correct[(np.arange(len(table)), *index)]
     return {
         "run": str(run),
         "controller": kind,
@@ -176,6 +218,9 @@ def score_run(run: Path, model, table, val_acc: np.ndarray, early_front: list[di
         "vs_best_fixed_p_value": m["vs_best_fixed_p_value"],
         **validation_selected(table, val_acc, actions, budget),
         "early_exit_accuracy_at_same_flops": early_acc,
+        "cascade_accuracy": cascade["accuracy"],
+        "cascade_mean_flops": cascade["mean_flops"],
+        "vs_cascade_p_value": mcnemar_p(correct, cascade["outcome"]),
         "random_matched": random_matched(table.correct, grid.flops, budget, seed=seed),
         "flops_per_image": _where_flops_go(table, cost, spec.probe),
         "top_settings": dict(list(m["setting_counts"].items())[:5]),
@@ -233,13 +278,16 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "Fronts at the controller's mean FLOPs: *test front* = best test accuracy of any fixed setting that cheap (a "
         "max over hundreds of noisy estimates, biased up); *validation-selected* = the fixed setting best on "
         "policy-train within the budget, scored on test (chosen the way a controller is: without test). *Early "
-        "exit* = the envelope of confidence early exit over every (stage, tokens, width) path and threshold.",
+        "exit* = the envelope of confidence early exit over every (stage, tokens, width) path and threshold. *Probe "
+        "cascade* = the probe's answer when its top-1 probability >= tau, else one setting X, with (tau, X) chosen "
+        "on policy-train for the controller's penalty by the same reward (accuracy @ MFLOPs on test).",
         "",
         "## Controllers",
         "",
         "| controller | penalty | seed | accuracy | MFLOPs | saving vs full | test front | McNemar p | "
-        "validation-selected fixed | McNemar p | early exit | random @ same FLOPs | settings |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "validation-selected fixed | McNemar p | early exit | probe cascade (same penalty) | McNemar p | "
+        "random @ same FLOPs | settings |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["controllers"]:
         rand = r["random_matched"]
@@ -249,6 +297,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             f"{pct(r['front_accuracy_at_same_flops'])} | {format_p(r['vs_best_fixed_p_value'])} | "
             f"{pct(r['validation_fixed_accuracy'])} ({r['validation_fixed_setting']}) | "
             f"{format_p(r['vs_validation_fixed_p_value'])} | {pct(r['early_exit_accuracy_at_same_flops'])} | "
+            f"{pct(r['cascade_accuracy'])} @ {fmt(r['cascade_mean_flops'])} | {format_p(r['vs_cascade_p_value'])} | "
             f"{'n/a' if rand is None else format(rand['accuracy'], '.2%')} | {r['distinct_settings']} |"
         )
     o = result["oracle"]
@@ -271,6 +320,12 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             f"{', '.join(format_p(p) for p in h['vs_best_fixed_p_value'])} | "
             f"{'yes' if h['above_front_all_seeds'] else 'no'} |"
         )
+    lines += ["", "## Probe cascade, chosen on policy-train for each penalty", "",
+              "| penalty | tau | X | policy-train accuracy @ MFLOPs | test accuracy | MFLOPs | answered by the probe |",
+              "|---:|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| {c['flops_penalty']:g} | {c['tau']:g} | {c['setting']} | {c['train_accuracy']:.2%} @ "
+              f"{fmt(c['train_mean_flops'])} | {c['accuracy']:.2%} | {fmt(c['mean_flops'])} | "
+              f"{c['stopped_at_probe']:.1%} |" for c in result["probe_cascade"]]  # fmt: skip
     lines += ["", "## Iso-accuracy: controllers within 0.1 points of the full setting", ""]
     if result["iso_accuracy"]:
         lines += ["| controller | penalty | seed | accuracy | MFLOPs | saving vs full | cheapest fixed as accurate | "
@@ -319,6 +374,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ee = result["early_exit_envelope"]
     ax.step([e["mean_flops"] / 1e6 for e in ee], [100 * e["accuracy"] for e in ee], where="post", c="tab:blue",
             lw=1.2, label="confidence early exit (best path, tau swept)")  # fmt: skip
+    cas = sorted(result["probe_cascade"], key=lambda c: c["mean_flops"])
+    ax.plot([c["mean_flops"] / 1e6 for c in cas], [100 * c["accuracy"] for c in cas], marker="^", ms=5, c="tab:cyan",
+            lw=1, label="probe cascade (tau, X chosen on policy-train per penalty)")  # fmt: skip
     o = result["oracle"]
     ax.scatter([o["mean_flops"] / 1e6], [100 * o["accuracy"]], marker="*", s=140, c="tab:green", label="oracle")
     ctrl = result["controllers"]

@@ -2,6 +2,8 @@
 
 * confidence early exit: run one (tokens, width) and stop at the first depth whose top-1 probability >= tau;
   every intermediate write-out (write cross-attention + head) is paid for;
+* the probe cascade: answer with the probe (the cheapest setting, which the controller runs anyway) when its top-1
+  probability >= tau, else run one other setting X, going on from the probe's work; the classic two-model cascade;
 * random settings whose expected FLOPs match a budget;
 * the oracle: the cheapest correct setting of each image (the full setting when none is correct).
 """
@@ -45,6 +47,50 @@ def early_exit(
             {"tau": float(tau), "accuracy": float(ok[np.arange(n), exit_at].mean()), "mean_flops": float(cost.mean())}
         )
     return rows
+
+
+def probe_cascade(
+    correct: np.ndarray,
+    confidence: np.ndarray,
+    flops: np.ndarray,
+    reused: np.ndarray,
+    overhead: int,
+    taus: Sequence[float],
+    probe: tuple[int, ...],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy and mean FLOPs of "the probe's answer if its top-1 probability >= tau, else setting X", for every
+    threshold and every X: two arrays of shape ``(len(taus), *grid.shape)``.
+
+    Args:
+        correct, confidence: ``(n, *grid.shape)`` outcome arrays.
+        flops: ``grid.shape`` FLOPs of each setting.
+        reused: ``grid.shape`` FLOPs of each setting that the probe has already done (not done twice).
+        overhead: FLOPs every image pays: the probe and its top-1 probability, beyond what every setting does anyway
+            (``ObservationSpec.flops``); an image the probe answers also pays what its setting does beyond ``reused``
+            (the shared embedding, on a backbone without stem exits), as the controller does.
+        probe: grid index of the probe (the grid's smallest setting, :func:`envs.observations.probe_setting`).
+    """
+    n = correct.shape[0]
+    conf, probe_ok = confidence[(slice(None), *probe)], correct[(slice(None), *probe)]
+    extra = (flops - reused).astype(np.float64)
+    acc = np.empty((len(taus), *flops.shape))
+    cost = np.empty_like(acc)
+    for i, tau in enumerate(taus):
+        sure = conf >= tau
+        acc[i] = (probe_ok[sure].sum() + correct[~sure].sum(0)) / n
+        cost[i] = overhead + sure.mean() * extra[probe] + (~sure).mean() * extra
+    return acc, cost
+
+
+def cascade_outcome(
+    correct: np.ndarray, confidence: np.ndarray, flops: np.ndarray, reused: np.ndarray, overhead: int,
+    tau: float, setting: tuple[int, ...], probe: tuple[int, ...],
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Per sample: (correct, FLOPs) of the probe cascade with threshold ``tau`` and second setting ``setting``."""
+    sure = confidence[(slice(None), *probe)] >= tau
+    ok = np.where(sure, correct[(slice(None), *probe)], correct[(slice(None), *setting)])
+    cost = overhead + np.where(sure, float(flops[probe] - reused[probe]), float(flops[setting] - reused[setting]))
+    return ok, cost
 
 
 def oracle(correct: np.ndarray, flops: np.ndarray) -> dict:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from policy.baselines import early_exit, matched_distribution, oracle, random_matched
+from policy.baselines import cascade_outcome, early_exit, matched_distribution, oracle, probe_cascade, random_matched
 
 
 def random_outcomes(seed: int, n: int = 50, shape: tuple[int, int, int] = (2, 4, 3)):
@@ -78,6 +78,37 @@ def test_early_exit_extremes_are_the_fixed_settings() -> None:
     depth = flops.shape[1]
     assert last["accuracy"] == correct[:, 1, -1, 2].mean()
     assert last["mean_flops"] == flops[1, -1, 2] + (depth - 1) * 5
+
+
+# --- probe cascade -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_probe_cascade_equals_brute_force(seed: int) -> None:
+    correct, confidence, flops = random_outcomes(seed)
+    reused = np.zeros_like(flops)
+    reused[0, :, 0] = flops[0, 0, 0] - 5  # settings going on from the probe skip its work, all but a shared 5
+    overhead = int(flops[0, 0, 0]) - 5 + 3
+    taus = [0.0, 0.25, 0.5, 1.0, 1.5]  # 0: the probe answers every image; 1.5: never
+    acc, cost = probe_cascade(correct, confidence, flops, reused, overhead, taus, (0, 0, 0))
+    assert acc.shape == cost.shape == (len(taus), *flops.shape)
+    for t, tau in enumerate(taus):
+        for x in np.ndindex(flops.shape):
+            hits, costs = 0, []
+            for i in range(len(correct)):
+                if confidence[i, 0, 0, 0] >= tau:  # the probe is sure: its answer, and the shared part it skipped
+                    hits += bool(correct[i, 0, 0, 0])
+                    costs.append(overhead + 5)
+                else:
+                    hits += bool(correct[(i, *x)])
+                    costs.append(overhead + flops[x] - reused[x])
+            assert acc[(t, *x)] == hits / len(correct), (tau, x)
+            assert cost[(t, *x)] == pytest.approx(np.mean(costs), rel=1e-12), (tau, x)
+            ok, spent = cascade_outcome(correct, confidence, flops, reused, overhead, tau, x, (0, 0, 0))
+            assert ok.mean() == acc[(t, *x)] and spent.mean() == pytest.approx(cost[(t, *x)], rel=1e-12)
+    # never sure: every image runs X (the fixed setting, plus the probe's overhead less what X reuses)
+    assert acc[-1] == pytest.approx(correct.mean(0))
+    assert cost[-1] == pytest.approx(overhead + flops - reused)
 
 
 # --- random settings at a matched budget ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from backbone import create_model, load_backbone, save_backbone
 from backbone.data import load_split
 from backbone.flops import flop_counter
 from backbone.settings import Setting
-from envs import load_or_build
+from envs import get_observation, load_or_build
 from policy import AdaptiveClassifier, build_policy_config, train_controller
 from policy.controller import choose_actions
 
@@ -370,6 +370,35 @@ def test_ablation_end_to_end(work, run: Path, tmp_path) -> None:
         else:
             assert np.isnan(c["early_exit_accuracy_at_same_flops"])
     assert all(len(v) == 13 for v in result["early_exit"].values())
+    # the probe cascade of each penalty: the best (tau, X) on policy-train by the controller's reward, then test
+    model = load_backbone(work["backbone"])
+    train = load_or_build(model, "policy-train", dataset=load_split("policy-train").subset(300),
+                          cache_dir=work["cache"], progress=False)  # fmt: skip
+    spec = get_observation("probe")
+    reused, overhead, full = spec.reused_flops(model), spec.flops(model), table.grid.full_flops
+
+    probe = table.grid.smallest_index
+
+    def cascade(t, tau, x):  # per image: (correct, FLOPs), written out image by image
+        sure = t.confidence[(slice(None), *probe)] >= tau
+        ok = [t.correct[(i, *probe)] if sure[i] else t.correct[(i, *x)] for i in range(len(t))]
+        settings = [probe if sure[i] else x for i in range(len(t))]  # each image pays what its setting adds
+        return np.mean(ok), np.mean([overhead + t.flops[s] - reused[s] for s in settings])
+
+    assert [c["flops_penalty"] for c in result["probe_cascade"]] == [0.3, 1.0]
+    for c in result["probe_cascade"]:
+        x = table.grid.index(Setting(*_parse(c["setting"])))
+        assert (c["train_accuracy"], c["train_mean_flops"]) == pytest.approx(cascade(train, c["tau"], x))
+        assert (c["accuracy"], c["mean_flops"]) == pytest.approx(cascade(table, c["tau"], x))
+        best = c["train_accuracy"] - c["flops_penalty"] * c["train_mean_flops"] / full
+        for tau in (0.5, 0.9, 1.01):  # no other threshold and second setting earns more on policy-train
+            for i in table.grid.indices():
+                a, f = cascade(train, tau, i)
+                assert a - c["flops_penalty"] * f / full <= best + 1e-12
+    for ctrl in result["controllers"]:
+        cascade = next(c for c in result["probe_cascade"] if c["flops_penalty"] == ctrl["flops_penalty"])
+        assert (ctrl["cascade_accuracy"], ctrl["cascade_mean_flops"]) == (cascade["accuracy"], cascade["mean_flops"])
+        assert 0 <= ctrl["vs_cascade_p_value"] <= 1
     md = (out / "ablation.md").read_text()
     assert "## Controllers" in md and "Oracle" in md and "early exit" in md
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
