@@ -10,6 +10,7 @@ gives all granularities and depths), the observation of every sample and the FLO
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -184,6 +185,12 @@ class OutcomeTable:
     def flops(self) -> np.ndarray:
         """FLOPs per image of every setting, shape ``grid.shape`` (``grid.flops``)."""
         return self.grid.flops
+
+    def subset(self, index: np.ndarray) -> OutcomeTable:
+        """The samples ``index`` (e.g. the folds of a cross-validation) as a table of their own (copies)."""
+        index = np.asarray(index)
+        subset = {name: getattr(self, name)[index] for name in ARRAYS}
+        return dataclasses.replace(self, **subset, data_sha256="")  # "" = not the named split's whole sample
 
     def accuracy(self) -> np.ndarray:
         """Accuracy of every fixed setting over the table's samples, shape ``grid.shape``."""

@@ -33,11 +33,11 @@ from backbone.interrupt import EXIT_INTERRUPTED
 from backbone.pareto import front_accuracy_at, pareto_front
 from backbone.settings import Setting
 from envs import SequentialSteps, get_observation
-from envs.observations import probe_setting
-from policy.baselines import cascade_outcome, early_exit, oracle, probe_cascade, random_matched
+from policy.baselines import early_exit, oracle, random_matched
 from policy.config import CONTROLLERS, DEFAULT_POLICY_CONFIG, build_policy_config, check_penalties
 from policy.controller import load_ppo
 from policy.evaluation import (
+    choose_cascade,
     evaluate_actions,
     format_p,
     iso_accuracy,
@@ -49,7 +49,6 @@ from policy.sidecar import check_compatible, resolve_run
 from policy.training import controller_actions, load_backbone_for, outcome_table, train_controller
 
 TAUS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.01)
-CASCADE_TAUS = tuple(np.unique(np.r_[np.linspace(0.5, 1.0, 51), TAUS]).tolist())  # 1.01: never stop at the probe
 
 
 def find_or_train(
@@ -110,7 +109,7 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
         _, side = resolve_run(run)
         given[(side.get("controller", "oneshot"), float(side["flops_penalty"]), int(side["seed"]))] = Path(run)
     penalties = sorted(set(args.penalties) | {p for _, p, _ in given})
-    cascades = {p: cascade_for_penalty(model, train, table, p) for p in penalties}
+    cascades = {p: choose_cascade(model, train, table, p) for p in penalties}
     controllers = []
     for kind in args.controllers:
         for p in penalties:
@@ -131,7 +130,7 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
         "early_exit": early,
         "early_exit_envelope": early_front,
         "oracle": oracle(table.correct, flops),
-        "probe_cascade": [{k: v for k, v in c.items() if k != "outcome"} for c in cascades.values()],
+        "probe_cascade": [{k: v for k, v in c.items() if not k.startswith("outcome")} for c in cascades.values()],
         "controllers": controllers,
         "headline": headline(controllers, args.headline_penalty),
         "iso_accuracy": iso_accuracy(controllers, fixed),
@@ -151,29 +150,6 @@ def early_exit_paths(model, table) -> dict[str, list[dict]]:
         early[label] = early_exit(table.correct, table.confidence, grid.flops, write["write"] + write["head"], TAUS,
                                   path)  # fmt: skip
     return early
-
-
-def cascade_for_penalty(model, train, test, penalty: float) -> dict[str, Any]:
-    """The probe cascade (threshold and second setting) of highest mean reward ``accuracy - penalty * FLOPs /
-    FLOPs(full)`` on ``train`` (policy-train, as a controller is chosen), scored on ``test``."""
-    spec = get_observation("probe")  # the cascade sees the probe's top-1 probability and nothing else
-    grid, reused, overhead = train.grid, spec.reused_flops(model), spec.flops(model)
-    probe = grid.index(probe_setting(model))  # the cheapest setting
-    acc, cost = probe_cascade(train.correct, train.confidence, grid.flops, reused, overhead, CASCADE_TAUS, probe)
-    best = np.unravel_index(int((acc - penalty * cost / grid.full_flops).argmax()), acc.shape)
-    tau, setting = CASCADE_TAUS[best[0]], tuple(int(i) for i in best[1:])
-    ok, spent = cascade_outcome(test.correct, test.confidence, grid.flops, reused, overhead, tau, setting, probe)
-    return {
-        "flops_penalty": penalty,
-        "tau": tau,
-        "setting": str(grid.setting(setting)),
-        "train_accuracy": float(acc[best]),
-        "train_mean_flops": float(cost[best]),
-        "accuracy": float(ok.mean()),
-        "mean_flops": float(spent.mean()),
-        "stopped_at_probe": float((test.confidence[(slice(None), *probe)] >= tau).mean()),
-        "outcome": ok,
-    }
 
 
 def envelope(early: dict[str, list[dict]]) -> list[dict]:

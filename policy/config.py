@@ -43,7 +43,7 @@ class PolicyConfig:
     gamma: float = 1.0  # no future after the single step
     gae_lambda: float = 1.0  # advantage = reward - V(obs)
     clip_range: float = 0.2  # PPO ratio clip
-    ent_coef: float = 0.01  # entropy bonus
+    ent_coef: float = 0.001  # entropy bonus (configs/policy.yaml)
     vf_coef: float = 0.5  # value-loss weight
     max_grad_norm: float = 0.5  # gradient clip
     net_arch: list[int] = field(default_factory=lambda: [64, 64])  # hidden sizes of the policy and value MLPs

@@ -163,23 +163,7 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
             )
         ppo = load_ppo(zip_path, env=vec, device=cfg.device)
     else:
-        ppo = PPO(
-            "MlpPolicy",
-            vec,
-            learning_rate=cfg.learning_rate,
-            n_steps=cfg.n_steps,
-            batch_size=cfg.batch_size,
-            n_epochs=cfg.n_epochs,
-            gamma=cfg.gamma,
-            gae_lambda=cfg.gae_lambda,
-            clip_range=cfg.clip_range,
-            ent_coef=cfg.ent_coef,
-            vf_coef=cfg.vf_coef,
-            max_grad_norm=cfg.max_grad_norm,
-            seed=cfg.seed,
-            policy_kwargs={"net_arch": {"pi": list(cfg.net_arch), "vf": list(cfg.net_arch)}},
-            device=cfg.device,
-        )
+        ppo = new_ppo(cfg, vec)
     if sequential and actor_flops(ppo.policy) != episode["decision_flops"]:
         raise RuntimeError(f"decision network has {actor_flops(ppo.policy)} FLOPs, the env charged {episode}")
     controller_flops = int(train_table.obs_flops) + actor_flops(ppo.policy)  # observation + (first) decision
@@ -252,6 +236,27 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
         run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         run.finish()
     return out, metrics
+
+
+def new_ppo(cfg: PolicyConfig, vec) -> PPO:
+    """A fresh PPO learner with the recipe of ``cfg`` on the vectorised environment ``vec``."""
+    return PPO(
+        "MlpPolicy",
+        vec,
+        learning_rate=cfg.learning_rate,
+        n_steps=cfg.n_steps,
+        batch_size=cfg.batch_size,
+        n_epochs=cfg.n_epochs,
+        gamma=cfg.gamma,
+        gae_lambda=cfg.gae_lambda,
+        clip_range=cfg.clip_range,
+        ent_coef=cfg.ent_coef,
+        vf_coef=cfg.vf_coef,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        policy_kwargs={"net_arch": {"pi": list(cfg.net_arch), "vf": list(cfg.net_arch)}},
+        device=cfg.device,
+    )
 
 
 def controller_actions(policy, table: OutcomeTable, steps: SequentialSteps | None = None) -> np.ndarray:

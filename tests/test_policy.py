@@ -441,3 +441,64 @@ def test_missing_run_folder_is_named(tmp_path) -> None:
     r = _cli("-m", "policy.benchmark", "--policy", str(tmp_path / "nope"))
     assert r.returncode != 0
     assert "no such run folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# --- recipe cross-validation ---------------------------------------------------------------------------------------
+
+
+def test_recipe_cv_pools_held_out_folds_and_scores_the_cascade_on_them(work, tmp_path) -> None:
+    from policy import recipe_cv
+    from policy.evaluation import choose_cascade
+
+    out = tmp_path / "cv"
+    args = ["--backbone", str(work["backbone"]), "--config", str(work["config"]), "--cache-dir", str(work["cache"]),
+            "--train-limit", "300", "--folds", "3", "--timesteps", "512", "--out", str(out),
+            "--variants", "ent_coef=0.01", "ent_coef=0,n_epochs=2"]  # fmt: skip
+    assert recipe_cv.main(args) == 0
+    result = json.loads((out / "recipe_cv.json").read_text())
+    assert (out / "recipe_cv.md").is_file()
+    assert result["samples"] == 300 and result["folds"] == 3
+    assert [v["variant"] for v in result["variants"]] == ["ent_coef=0.01", "ent_coef=0,n_epochs=2"]
+    model = load_backbone(work["backbone"])
+    full = model.grid.full_flops
+    for v in [*result["variants"], result["probe_cascade"]]:
+        assert v["reward"] == pytest.approx(v["accuracy"] - 0.3 * v["mean_flops"] / full)
+        assert 0 <= v["accuracy"] <= 1 and v["mean_flops"] > 0
+    assert "vs_first_p_value" not in result["variants"][0] and 0 <= result["variants"][1]["vs_first_p_value"] <= 1
+    # the cascade of each fold is chosen on the other folds only and scored on its own: rebuild it fold by fold
+    table = load_or_build(model, "policy-train", dataset=load_split("policy-train").subset(300),
+                          cache_dir=work["cache"], progress=False)  # fmt: skip
+    folds = np.array_split(np.random.default_rng(1234).permutation(300), 3)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(300))
+    hits, spent = 0, 0.0
+    for k, held in enumerate(folds):
+        fit = table.subset(np.concatenate([f for j, f in enumerate(folds) if j != k]))
+        c = choose_cascade(model, fit, table.subset(held), 0.3)
+        hits, spent = hits + c["outcome"].sum(), spent + c["outcome_flops"].sum()
+    assert result["probe_cascade"]["accuracy"] == pytest.approx(hits / 300)
+    assert result["probe_cascade"]["mean_flops"] == pytest.approx(spent / 300)
+
+
+def test_recipe_cv_refuses_bad_variants_in_one_line(work, tmp_path, capsys) -> None:
+    from policy import recipe_cv
+
+    common = ["--backbone", str(work["backbone"]), "--config", str(work["config"]), "--cache-dir", str(work["cache"]),
+              "--train-limit", "300", "--out", str(tmp_path)]  # fmt: skip
+    for variants, message in ((["ent_coef"], "expected key=value"), (["no_such_option=1"], "no_such_option"),
+                              (["controller=sequential"], "only one-shot")):  # fmt: skip
+        assert recipe_cv.main([*common, "--variants", *variants]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and message in err and len(err.splitlines()) == 1, err
+    assert recipe_cv.main([*common, "--folds", "1", "--variants", "ent_coef=0"]) == 2
+    assert "--folds" in capsys.readouterr().err
+
+
+def test_outcome_table_subset_keeps_the_rows_it_names(work) -> None:
+    model = load_backbone(work["backbone"])
+    table = load_or_build(model, "policy-train", dataset=load_split("policy-train").subset(300),
+                          cache_dir=work["cache"], progress=False)  # fmt: skip
+    rows = np.array([5, 0, 299, 17])
+    part = table.subset(rows)
+    assert len(part) == 4 and part.data_sha256 == "" and part.grid is table.grid
+    for name in ("correct", "loss", "pred", "confidence", "margin", "entropy", "labels", "obs"):
+        np.testing.assert_array_equal(getattr(part, name), getattr(table, name)[rows])
