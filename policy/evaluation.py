@@ -1,4 +1,4 @@
-"""Score a deterministic controller on an outcome table and compare it with the fixed settings."""
+"""Score a deterministic controller on an outcome table and compare it with the fixed settings and the probe cascade."""
 
 from __future__ import annotations
 
