@@ -130,7 +130,7 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
         "early_exit": early,
         "early_exit_envelope": early_front,
         "oracle": oracle(table.correct, flops),
-        "probe_cascade": [{k: v for k, v in c.items() if not k.startswith("outcome")} for c in cascades.values()],
+        "probe_cascade": [{k: v for k, v in c.items() if k != "outcome"} for c in cascades.values()],
         "controllers": controllers,
         "headline": headline(controllers, args.headline_penalty),
         "iso_accuracy": iso_accuracy(controllers, fixed),

@@ -26,7 +26,7 @@ from backbone.fileio import atomic_write, write_json
 from envs import get_observation, make_vec_env
 from policy.config import DEFAULT_POLICY_CONFIG, build_policy_config, check_penalties
 from policy.controller import actor_flops
-from policy.evaluation import choose_cascade, format_p, mcnemar_p, setting_prices
+from policy.evaluation import choose_cascade, evaluate_actions, format_p, mcnemar_p, setting_prices
 from policy.training import controller_actions, load_backbone_for, new_ppo, outcome_table
 
 
@@ -55,16 +55,17 @@ def run_cv(args: argparse.Namespace) -> dict[str, Any]:
     if len(table) < 2 * args.folds:
         raise ValueError(f"{len(table)} samples are too few for {args.folds} folds")
     folds = np.array_split(np.random.default_rng(args.seed).permutation(len(table)), args.folds)
+    # (rows held out, the other folds' table, the held-out table): built once, shared by every variant and the cascade
+    splits = [(held, table.subset(np.concatenate([f for j, f in enumerate(folds) if j != k])), table.subset(held))
+              for k, held in enumerate(folds)]  # fmt: skip
     full = model.grid.full_flops
     priced, reused = setting_prices(model, get_observation(cfg0.observation))  # what each setting costs it
     rows, pooled = [], []
     torch.set_num_threads(1)  # the controller MLP is tiny: one thread is fastest and keeps runs reproducible
     for (text, _), cfg in zip(variants, configs, strict=True):
         t0 = time.perf_counter()
-        correct, flops = np.zeros(len(table), bool), np.zeros(len(table))
-        for k, held in enumerate(folds):
-            fit = table.subset(np.concatenate([f for j, f in enumerate(folds) if j != k]))
-            val = table.subset(held)
+        correct, spent = np.zeros(len(table), bool), 0.0
+        for held, fit, val in splits:
             torch.manual_seed(cfg.seed)
             np.random.seed(cfg.seed)
             vec = make_vec_env(n_envs=cfg.n_envs, seed=cfg.seed, backbone=model, split=cfg.train_split,
@@ -73,20 +74,21 @@ def run_cv(args: argparse.Namespace) -> dict[str, Any]:
             ppo = new_ppo(cfg, vec)
             ppo.learn(cfg.timesteps)
             vec.close()
-            index = tuple(controller_actions(ppo.policy, val).T)
-            correct[held] = val.correct[(np.arange(len(val)), *index)]
-            flops[held] = priced[index] - reused[index] + int(val.obs_flops) + actor_flops(ppo.policy)
+            actions = controller_actions(ppo.policy, val)
+            m = evaluate_actions(val, actions, int(val.obs_flops) + actor_flops(ppo.policy), reused, priced)
+            correct[held] = val.correct[(np.arange(len(val)), *actions.T)]
+            spent += m["mean_flops"] * len(held)
         pooled.append(correct)
-        rows.append(_summary(text, correct, flops, full, cfg.flops_penalty) | {"seconds": time.perf_counter() - t0})
+        row = _summary(text, correct, spent / len(table), full, cfg.flops_penalty)
+        rows.append(row | {"seconds": time.perf_counter() - t0})
         print(f"{text}: {rows[-1]['accuracy']:.2%} at {rows[-1]['mean_flops'] / 1e6:.2f} MFLOPs", file=sys.stderr)
     for row, correct in zip(rows[1:], pooled[1:], strict=True):
         row["vs_first_p_value"] = mcnemar_p(correct, pooled[0])
-    correct, flops = np.zeros(len(table), bool), np.zeros(len(table))
-    for k, held in enumerate(folds):
-        fit = table.subset(np.concatenate([f for j, f in enumerate(folds) if j != k]))
-        c = choose_cascade(model, fit, table.subset(held), args.penalty)
-        correct[held], flops[held] = c["outcome"], c["outcome_flops"]
-    cascade = _summary("probe cascade", correct, flops, full, args.penalty) | {
+    correct, spent = np.zeros(len(table), bool), 0.0
+    for held, fit, val in splits:
+        c = choose_cascade(model, fit, val, args.penalty)
+        correct[held], spent = c["outcome"], spent + c["mean_flops"] * len(held)
+    cascade = _summary("probe cascade", correct, spent / len(table), full, args.penalty) | {
         "vs_first_p_value": mcnemar_p(correct, pooled[0])
     }
     return {
@@ -102,8 +104,8 @@ def run_cv(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _summary(name: str, correct: np.ndarray, flops: np.ndarray, full: int, penalty: float) -> dict[str, Any]:
-    acc, mean_flops = float(correct.mean()), float(flops.mean())
+def _summary(name: str, correct: np.ndarray, mean_flops: float, full: int, penalty: float) -> dict[str, Any]:
+    acc = float(correct.mean())
     return {"variant": name, "accuracy": acc, "mean_flops": mean_flops, "reward": acc - penalty * mean_flops / full}
 
 
