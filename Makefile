@@ -73,6 +73,10 @@ results: install
 	for i in 1 2 3; do $(PY) -m policy.benchmark --policy $(RESULTS)/sequential_p0.3 --json $(RESULTS)/bench_sequential_p0.3/run$$i.json; done
 	for b in 256 1; do $(PY) -m benchmarks.profile_adaptive --policy $(RESULTS)/demo_p0.3 --batch-size $$b --out $(RESULTS)/profile/after_batch$$b.txt; done
 	for i in 1 2 3; do $(PY) -m benchmarks.compile_front --policy $(RESULTS)/demo_p0.3 --json $(RESULTS)/compile_front/run$$i.json; done
+	rm -rf $(RESULTS)/cascade_p0.3
+	$(PY) train_policy.py --controller cascade --flops-penalty 0.3 --seed 0 --out $(RESULTS)/cascade_p0.3 --no-progress
+	for i in 1 2 3; do $(PY) -m policy.benchmark --policy $(RESULTS)/cascade_p0.3 --json $(RESULTS)/bench_cascade_p0.3/run$$i.json; done
+	for b in 256 1; do $(PY) -m benchmarks.profile_adaptive --policy $(RESULTS)/cascade_p0.3 --batch-size $$b --out $(RESULTS)/profile/cascade_batch$$b.txt; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -78,6 +78,14 @@ def write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> No
     write_text(path, json.dumps(data, indent=indent, default=_json_default))
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in ``path``; ValueError naming the file if it is not JSON (a truncated or foreign file)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
 def display_path(path: str | os.PathLike) -> str:
     """Relative to the working directory when possible, so committed reports do not name one machine's folders."""
     try:

@@ -22,13 +22,16 @@ from backbone.data import DataError, load_split
 from backbone.fileio import write_json
 from benchmarks.timing import cpu_description
 from policy.adaptive import AdaptiveClassifier
+from policy.cascade import ProbeCascade
 from policy.controller import action_logits
 
 
 def front_logits(clf: AdaptiveClassifier, x: torch.Tensor) -> torch.Tensor:
-    """The front's tensor work up to the controller's action logits (the argmax after it is a few numpy ops)."""
+    """The front's tensor work up to the controller's action logits (the argmax after it is a few numpy ops; a
+    cascade's comparison with tau is one)."""
     memory, probe = clf.spec.embed_and_probe(clf.backbone, x)
-    return action_logits(clf.policy, clf.spec.compute(clf.backbone, memory, None if probe is None else probe[1]))
+    obs = clf.spec.compute(clf.backbone, memory, None if probe is None else probe[1])
+    return obs if isinstance(clf.policy, ProbeCascade) else action_logits(clf.policy, obs)  # a cascade: one comparison
 
 
 def per_image_us(fn, images: list[torch.Tensor], repeats: int) -> float:

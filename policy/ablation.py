@@ -34,7 +34,7 @@ from backbone.pareto import front_accuracy_at, pareto_front
 from backbone.settings import Setting
 from envs import SequentialSteps, get_observation
 from policy.baselines import early_exit, oracle, random_matched
-from policy.config import CONTROLLERS, DEFAULT_POLICY_CONFIG, build_policy_config, check_penalties
+from policy.config import DEFAULT_POLICY_CONFIG, PPO_CONTROLLERS, build_policy_config, check_penalties
 from policy.controller import load_ppo
 from policy.evaluation import (
     choose_cascade,
@@ -107,6 +107,9 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
     given = {}
     for run in args.policies or []:
         _, side = resolve_run(run)
+        if side.get("controller") == "cascade":
+            raise ValueError(f"{run} is a probe cascade: the ablation fits its own for every penalty (--policies "
+                             "takes PPO runs)")  # fmt: skip
         given[(side.get("controller", "oneshot"), float(side["flops_penalty"]), int(side["seed"]))] = Path(run)
     penalties = sorted(set(args.penalties) | {p for _, p, _ in given})
     cascades = {p: choose_cascade(model, train, table, p) for p in penalties}
@@ -220,7 +223,7 @@ def _where_flops_go(table, cost: np.ndarray, has_probe: bool) -> dict[str, list[
 def headline(controllers: list[dict], penalty: float) -> dict[str, Any]:
     """Mean and spread over seeds of each controller kind at the headline penalty."""
     out = {}
-    for kind in CONTROLLERS:
+    for kind in PPO_CONTROLLERS:
         rows = [r for r in controllers if r["controller"] == kind and r["flops_penalty"] == penalty]
         if not rows:
             continue
@@ -427,9 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--controllers",
         nargs="+",
-        choices=list(CONTROLLERS),
-        default=list(CONTROLLERS),
-        help="controller kinds to train and score at every penalty (default: both)",
+        choices=list(PPO_CONTROLLERS),
+        default=list(PPO_CONTROLLERS),
+        help="PPO controller kinds to train and score at every penalty (default: both; the probe cascade is fitted "
+        "for every penalty anyway)",
     )
     parser.add_argument(
         "--seeds",

@@ -22,6 +22,8 @@ import torch
 from backbone.checkpoint import DEFAULT_BACKBONE, load_backbone
 from backbone.settings import Setting
 from envs import get_observation
+from policy.cascade import OBSERVATION as CASCADE_OBSERVATION
+from policy.cascade import ProbeCascade, load_cascade
 from policy.controller import actor_flops, choose_actions, load_ppo
 from policy.sidecar import check_compatible, resolve_run
 
@@ -38,15 +40,22 @@ class Prediction:
 
 
 class AdaptiveClassifier:
-    """A frozen backbone plus the controller trained for it."""
+    """A frozen backbone plus the controller fitted for it: a one-shot PPO policy or a :class:`ProbeCascade`."""
 
     def __init__(self, backbone, policy, observation: str, controller_flops: int | None = None) -> None:
         self.backbone = backbone.eval()
         self.policy = policy
         self.spec = get_observation(observation)
         self.observation = observation
+        cascade = isinstance(policy, ProbeCascade)
+        smallest = backbone.grid.index(backbone.grid.smallest)
+        if cascade and (observation != CASCADE_OBSERVATION or policy.probe != smallest):
+            raise ValueError(f"a probe cascade needs observation 'probe' and the grid's smallest setting as its probe, "
+                             f"got {observation!r} and {list(policy.probe)}")  # fmt: skip
+        self._decide = policy if cascade else lambda obs: choose_actions(policy, obs)
+        decision_flops = 0 if cascade else actor_flops(policy)  # a cascade's one comparison, like the argmax: 0
         self.controller_flops = (
-            controller_flops if controller_flops is not None else self.spec.flops(backbone) + actor_flops(policy)
+            controller_flops if controller_flops is not None else self.spec.flops(backbone) + decision_flops
         )
         self.grid = backbone.grid
         self.reused_flops = self.spec.reused_flops(backbone)  # observation work a setting goes on from
@@ -57,15 +66,19 @@ class AdaptiveClassifier:
         cls, run: str | os.PathLike, backbone: str | os.PathLike | None = None, device: str = "cpu"
     ) -> AdaptiveClassifier:
         """Load a run folder (or its ``policy.json``); refuse a backbone other than the one it was trained for."""
-        zip_path, sidecar = resolve_run(run)
+        path, sidecar = resolve_run(run)
+        kind = sidecar.get("controller", "oneshot")
+        if kind not in ("oneshot", "cascade"):
+            raise ValueError(f"{run} holds a {kind} controller; load it with policy.load_classifier")
         model = load_backbone(backbone or sidecar.get("backbone_path") or DEFAULT_BACKBONE, device=device)
         check_compatible(sidecar, model.checkpoint_sha256, model.grid, sidecar["observation"])
-        ppo = load_ppo(zip_path, device=device)
-        return cls(model, ppo.policy, sidecar["observation"])
+        if kind == "cascade":
+            return cls(model, load_cascade(path, model.grid.shape), sidecar["observation"])
+        return cls(model, load_ppo(path, device=device).policy, sidecar["observation"])
 
     def choose(self, memory, probe_logits: torch.Tensor | None = None) -> np.ndarray:
         """Setting indices ``(B, grid.ndim)`` for a batch embedded by :func:`envs.observations.observe_embed`."""
-        return choose_actions(self.policy, self.spec.compute(self.backbone, memory, probe_logits))
+        return self._decide(self.spec.compute(self.backbone, memory, probe_logits))
 
     @torch.no_grad()
     def front(self, images: torch.Tensor | Sequence[torch.Tensor]) -> tuple:

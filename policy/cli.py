@@ -8,9 +8,10 @@ import sys
 from policy.config import DEFAULT_POLICY_CONFIG
 
 DESCRIPTION = """Train a PPO controller that picks (tokens, depth, width) per input for a frozen AdaPerceiver
-backbone, then report what it buys on the test split. Defaults come from configs/policy.yaml (shipped with the
-package); every option below overrides it. Writes policy.zip, policy.json, config.yaml, eval.json, timing.json
-and progress.csv to the run folder. Ctrl-C saves the policy and prints the command that resumes it."""
+backbone (or fit a probe cascade, --controller cascade), then report what it buys on the test split. Defaults come
+from configs/policy.yaml (shipped with the package); every option below overrides it. Writes policy.zip (a cascade:
+cascade.json), policy.json, config.yaml, eval.json, timing.json and progress.csv (PPO only) to the run folder.
+Ctrl-C saves the policy and prints the command that resumes it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,10 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--controller",
-        choices=["oneshot", "sequential"],
+        choices=["oneshot", "sequential", "cascade"],
         help="oneshot (default): the whole setting from cheap features in one decision; sequential: stage, tokens "
         "and width first, then after every block stop or go on, seeing the running prediction (each look and "
-        "decision is charged its FLOPs)",
+        "decision is charged its FLOPs); cascade: no PPO, the probe's answer when its top-1 probability >= tau, "
+        "else one setting X, (tau, X) fitted on policy-train by the same reward in seconds (writes cascade.json "
+        "instead of policy.zip)",
     )
     p.add_argument("--backbone", help="backbone .safetensors (default: the shipped Fashion-MNIST backbone)")
     p.add_argument(
@@ -81,8 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# options that only a PPO controller has; a cascade run refuses them rather than ignore them
+PPO_ONLY = ("timesteps", "n_envs", "reward", "observation", "resume", "wandb", "device")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.controller == "cascade":
+        given = [f"--{name.replace('_', '-')}" for name in PPO_ONLY if getattr(args, name) is not None]
+        if given:
+            print(f"error: {', '.join(given)} do not apply to --controller cascade (no PPO: it is fitted in seconds, "
+                  "observing the probe)", file=sys.stderr)  # fmt: skip
+            return 2
     from backbone.data import DataError
     from backbone.interrupt import EXIT_INTERRUPTED
     from policy.config import build_policy_config

@@ -13,7 +13,8 @@ from backbone.settings_io import build_dataclass, load_yaml, merge
 
 DEFAULT_POLICY_CONFIG = packaged_file("configs", "policy.yaml")
 REWARDS = ("correct", "neg_ce")
-CONTROLLERS = ("oneshot", "sequential")
+PPO_CONTROLLERS = ("oneshot", "sequential")
+CONTROLLERS = (*PPO_CONTROLLERS, "cascade")  # the cascade is fitted without PPO (policy.cascade)
 WANDB_MODES = ("disabled", "offline", "online")
 
 
@@ -23,6 +24,7 @@ class PolicyConfig:
 
     flops_penalty: float = 0.3  # reward = correct - penalty * FLOPs(setting) / FLOPs(full)
     controller: str = "oneshot"  # oneshot: the whole setting from cheap features | sequential: then stop/go per block
+    # | cascade: no PPO, the probe's answer if its top-1 probability >= tau, else one setting (policy.cascade)
     backbone: str | None = None  # backbone .safetensors (None = the shipped checkpoint)
     data: str | None = None  # task: None/fmnist (Fashion-MNIST) or an image-folder root ROOT/<split>/<class>/<image>
     data_dir: str | None = None  # Fashion-MNIST folder (None = $ADAPERCEIVER_DATA_DIR or Debian's path)

@@ -11,11 +11,8 @@ from scipy.stats import binomtest
 from backbone.pareto import front_accuracy_at
 from backbone.settings import Setting
 from envs import get_observation
-from envs.observations import probe_setting
-from policy.baselines import cascade_outcome, probe_cascade
-
-# thresholds of the probe cascade: every 0.01 from 0.5, finer near 1; 1.01 means never stop at the probe
-CASCADE_TAUS = tuple(np.unique(np.round(np.r_[np.linspace(0.5, 1.0, 51), 0.995, 0.999, 1.01], 4)).tolist())
+from policy.baselines import cascade_outcome
+from policy.cascade import OBSERVATION, fit_cascade
 
 
 def setting_prices(model, spec, steps=None) -> tuple[np.ndarray, np.ndarray]:
@@ -175,21 +172,18 @@ def iso_accuracy(controllers: list[dict], fixed: list[dict]) -> list[dict]:
 def choose_cascade(model, train, test, penalty: float) -> dict[str, Any]:
     """The probe cascade (threshold and second setting) of highest mean reward ``accuracy - penalty * FLOPs /
     FLOPs(full)`` on ``train`` (policy-train, as a controller is chosen), scored on ``test``."""
-    spec = get_observation("probe")  # the cascade sees the probe's top-1 probability and nothing else
-    grid, reused, overhead = train.grid, spec.reused_flops(model), spec.flops(model)
-    probe = grid.index(probe_setting(model))  # the cheapest setting
-    acc, cost = probe_cascade(train.correct, train.confidence, grid.flops, reused, overhead, CASCADE_TAUS, probe)
-    best = np.unravel_index(int((acc - penalty * cost / grid.full_flops).argmax()), acc.shape)
-    tau, setting = CASCADE_TAUS[best[0]], tuple(int(i) for i in best[1:])
-    ok, spent = cascade_outcome(test.correct, test.confidence, grid.flops, reused, overhead, tau, setting, probe)
+    cascade, train_acc, train_flops = fit_cascade(model, train, penalty)
+    spec, grid = get_observation(OBSERVATION), train.grid
+    ok, spent = cascade_outcome(test.correct, test.confidence, grid.flops, spec.reused_flops(model),
+                                spec.flops(model), cascade.tau, cascade.setting, cascade.probe)  # fmt: skip
     return {
         "flops_penalty": penalty,
-        "tau": tau,
-        "setting": str(grid.setting(setting)),
-        "train_accuracy": float(acc[best]),
-        "train_mean_flops": float(cost[best]),
+        "tau": cascade.tau,
+        "setting": str(grid.setting(cascade.setting)),
+        "train_accuracy": train_acc,
+        "train_mean_flops": train_flops,
         "accuracy": float(ok.mean()),
         "mean_flops": float(spent.mean()),
-        "stopped_at_probe": float((test.confidence[(slice(None), *probe)] >= tau).mean()),
+        "stopped_at_probe": float((test.confidence[(slice(None), *cascade.probe)] >= cascade.tau).mean()),
         "outcome": ok,  # per test sample: correct (for McNemar against a controller)
     }

@@ -1,4 +1,5 @@
-"""One entry point from a run folder to the classifier that runs it: one-shot or sequential, as its sidecar says."""
+"""One entry point from a run folder to the classifier that runs it (one-shot, sequential or cascade, as its sidecar
+says)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,6 @@ def load_classifier(
     kind = sidecar.get("controller", "oneshot")
     if kind == "sequential":
         return SequentialClassifier.load(run, backbone=backbone, device=device)
-    if kind != "oneshot":
-        raise ValueError(f"{run}: unknown controller kind {kind!r} in its policy.json (oneshot or sequential)")
+    if kind not in ("oneshot", "cascade"):
+        raise ValueError(f"{run}: unknown controller kind {kind!r} in its policy.json (oneshot, sequential or cascade)")
     return AdaptiveClassifier.load(run, backbone=backbone, device=device)

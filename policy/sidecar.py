@@ -6,17 +6,18 @@ backbone of another sha256, or another grid or observation spec, would silently 
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
 from typing import Any
 
-from backbone.fileio import write_json
+from backbone.fileio import read_json, write_json
 from backbone.settings import SettingsGrid
 
 SIDECAR = "policy.json"
-POLICY_ZIP = "policy.zip"
+POLICY_ZIP = "policy.zip"  # a PPO controller (one-shot or sequential)
+CASCADE_JSON = "cascade.json"  # a probe cascade (policy.cascade)
+CONTROLLER_FILES = (POLICY_ZIP, CASCADE_JSON)
 
 
 def versions() -> dict[str, str]:
@@ -39,21 +40,23 @@ def write_sidecar(path: str | os.PathLike, data: dict[str, Any]) -> None:
 
 
 def resolve_run(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """Run folder or ``policy.json`` or ``policy.zip`` -> (path of policy.zip, sidecar dict)."""
+    """Run folder or one of its files -> (path of the controller file, sidecar dict).
+
+    The controller file is ``policy.zip`` (PPO) or ``cascade.json`` (a probe cascade), as the sidecar's
+    ``controller`` says.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such run folder or file: {path} (train_policy.py writes run folders)")
     run_dir = path if path.is_dir() else path.parent
-    sidecar, zip_path = run_dir / SIDECAR, run_dir / POLICY_ZIP
+    sidecar = run_dir / SIDECAR
     if not sidecar.is_file():
         raise FileNotFoundError(f"no {SIDECAR} in {run_dir} (expected a run folder written by train_policy.py)")
-    if not zip_path.is_file():
-        raise FileNotFoundError(f"no {POLICY_ZIP} in {run_dir} (expected a run folder written by train_policy.py)")
-    try:
-        data = json.loads(sidecar.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{sidecar} is not valid JSON: {e}") from None
-    return zip_path, data
+    data = read_json(sidecar)
+    controller = run_dir / (CASCADE_JSON if data.get("controller") == "cascade" else POLICY_ZIP)
+    if not controller.is_file():
+        raise FileNotFoundError(f"no {controller.name} in {run_dir} (expected a run folder written by train_policy.py)")
+    return controller, data
 
 
 def check_compatible(sidecar: dict[str, Any], backbone_sha256: str, grid: SettingsGrid, observation: str) -> None:

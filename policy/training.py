@@ -24,12 +24,23 @@ from backbone.data_source import resolve_data
 from backbone.fileio import write_json
 from backbone.settings_io import dump_yaml
 from envs import OutcomeTable, SequentialSteps, get_observation, load_or_build, make_vec_env
+from policy.cascade import OBSERVATION as CASCADE_OBSERVATION
+from policy.cascade import fit_cascade, save_cascade
 from policy.config import PolicyConfig
 from policy.controller import actor_flops, choose_actions, load_ppo, mlp_actor_flops, save_ppo_atomic
 from policy.evaluation import evaluate_actions, setting_prices
 from policy.run_folder import PROGRESS, TIMING, ResumableCSV, Timing
 from policy.sequential_rollout import rollout
-from policy.sidecar import POLICY_ZIP, SIDECAR, check_compatible, resolve_run, versions, write_sidecar
+from policy.sidecar import (
+    CASCADE_JSON,
+    CONTROLLER_FILES,
+    POLICY_ZIP,
+    SIDECAR,
+    check_compatible,
+    resolve_run,
+    versions,
+    write_sidecar,
+)
 
 
 def load_backbone_for(path: str | None):
@@ -107,12 +118,14 @@ class ControllerInterrupted(KeyboardInterrupt):
 def run_folder(cfg: PolicyConfig, resume: str | None) -> Path:
     """The run folder: ``--resume RUN`` continues RUN itself; else ``cfg.out`` or ``runs/<run name>`` (cwd)."""
     if resume:
+        if cfg.controller == "cascade":
+            raise ValueError("a cascade is fitted in seconds and has nothing to resume; run it again without --resume")
         zip_path, _ = resolve_run(resume)
         if cfg.out and Path(cfg.out).resolve() != zip_path.parent.resolve():
             raise ValueError(f"--resume continues {zip_path.parent} in place; drop --out {cfg.out} or make it the same")
         return zip_path.parent
     out = Path(cfg.out) if cfg.out else Path("runs") / cfg.run_name()
-    if (out / POLICY_ZIP).exists():
+    if any((out / name).exists() for name in CONTROLLER_FILES):
         raise ValueError(f"{out} already holds a controller; continue it with --resume {out} or choose another --out")
     return out
 
@@ -131,6 +144,8 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
     train_table = outcome_table(model, cfg, cfg.train_split, cfg.train_limit, progress)
     eval_table = outcome_table(model, cfg, cfg.eval_split, cfg.eval_limit, progress)
     t_tables = time.perf_counter() - t0
+    if cfg.controller == "cascade":
+        return _fit_cascade_run(cfg, out, model, train_table, eval_table, t_tables, t0)
     torch.set_num_threads(1)  # the controller MLP is tiny: one thread is fastest and keeps runs reproducible
 
     spec = get_observation(cfg.observation)
@@ -235,6 +250,44 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
     if run is not None:
         run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         run.finish()
+    return out, metrics
+
+
+def _fit_cascade_run(cfg: PolicyConfig, out: Path, model, train_table: OutcomeTable, eval_table: OutcomeTable,
+                     t_tables: float, t0: float) -> tuple[Path, dict]:  # fmt: skip
+    """``--controller cascade``: fit (tau, X) on policy-train, write the run folder, score it on ``eval_table``."""
+    cascade, train_acc, train_flops = fit_cascade(model, train_table, cfg.flops_penalty)
+    spec = get_observation(CASCADE_OBSERVATION)
+    controller_flops = spec.flops(model)  # the probe and its statistics; the comparison with tau counts 0
+    grid = model.grid
+    out.mkdir(parents=True, exist_ok=True)
+    save_cascade(cascade, out / CASCADE_JSON)
+    write_sidecar(out / SIDECAR, {
+        "backbone_path": None if cfg.backbone is None else str(Path(cfg.backbone).resolve()),
+        "backbone_sha256": model.checkpoint_sha256,
+        "data": None if cfg.task == "fmnist" else str(Path(cfg.data).expanduser().resolve()),
+        "grid": grid.to_json(),
+        "observation": CASCADE_OBSERVATION,
+        "controller": "cascade",
+        "obs_dim": spec.dim(model),
+        "obs_flops": controller_flops,
+        "actor_flops": 0,
+        "controller_flops": controller_flops,
+        "flops_penalty": cfg.flops_penalty,
+        "seed": cfg.seed,
+        "train_split": cfg.train_split,
+        "train_accuracy": train_acc,
+        "train_mean_flops": train_flops,
+        "versions": versions(),
+    })  # fmt: skip
+    dump_yaml(cfg, out / "config.yaml")
+    priced, reused = setting_prices(model, spec)
+    metrics = evaluate_actions(eval_table, cascade.table_actions(eval_table), controller_flops, reused, priced)
+    metrics = {"split": cfg.eval_split, "controller": "cascade", "flops_penalty": cfg.flops_penalty, "seed": cfg.seed,
+               "tau": cascade.tau, "setting": str(grid.setting(cascade.setting)), **metrics}  # fmt: skip
+    write_json(out / "eval.json", metrics)
+    now = time.perf_counter()
+    Timing(out / TIMING, resume=False).write({"tables_s": t_tables, "fit_s": now - t0 - t_tables, "total_s": now - t0})
     return out, metrics
 
 

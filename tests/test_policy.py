@@ -26,7 +26,7 @@ from backbone.data import load_split
 from backbone.flops import flop_counter
 from backbone.settings import Setting
 from envs import get_observation, load_or_build
-from policy import AdaptiveClassifier, build_policy_config, train_controller
+from policy import AdaptiveClassifier, build_policy_config, load_classifier, train_controller
 from policy.controller import choose_actions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -502,3 +502,80 @@ def test_outcome_table_subset_keeps_the_rows_it_names(work) -> None:
     assert len(part) == 4 and part.data_sha256 == "" and part.grid is table.grid
     for name in ("correct", "loss", "pred", "confidence", "margin", "entropy", "labels", "obs"):
         np.testing.assert_array_equal(getattr(part, name), getattr(table, name)[rows])
+
+
+# --- the probe cascade as a controller (train_policy.py --controller cascade) --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cascade_run(work) -> Path:
+    out, _ = train_controller(_cfg(work, work["root"] / "cascade", controller="cascade", flops_penalty=0.1),
+                              progress=False)  # fmt: skip
+    return out
+
+
+def test_cascade_run_is_the_best_cascade_on_policy_train(work, cascade_run: Path) -> None:
+    """The fitted (tau, X) earns the highest mean reward on policy-train of every threshold and every setting
+    (checked image by image with cascade_outcome), and the run folder says what it is."""
+    from policy.baselines import cascade_outcome
+    from policy.cascade import CASCADE_TAUS, load_cascade
+
+    for name in ("cascade.json", "policy.json", "config.yaml", "eval.json", "timing.json"):
+        assert (cascade_run / name).is_file(), name
+    assert not (cascade_run / "policy.zip").exists()
+    side = json.loads((cascade_run / "policy.json").read_text())
+    assert side["controller"] == "cascade" and side["observation"] == "probe" and side["actor_flops"] == 0
+    model = load_backbone(work["backbone"])
+    cascade = load_cascade(cascade_run / "cascade.json", model.grid.shape)
+    assert cascade.probe == model.grid.index(model.grid.smallest)
+    table = load_or_build(model, "policy-train", dataset=load_split("policy-train").subset(300),
+                          cache_dir=work["cache"], progress=False)  # fmt: skip
+    spec = get_observation("probe")
+    assert side["controller_flops"] == spec.flops(model)
+    args = (table.correct, table.confidence, model.grid.flops, spec.reused_flops(model), spec.flops(model))
+
+    def reward(tau: float, setting: tuple) -> float:
+        ok, cost = cascade_outcome(*args, tau, setting, cascade.probe)
+        return ok.mean() - 0.1 * cost.mean() / model.grid.full_flops
+
+    best = reward(cascade.tau, cascade.setting)
+    assert best == pytest.approx(side["train_accuracy"] - 0.1 * side["train_mean_flops"] / model.grid.full_flops)
+    assert all(reward(tau, s) <= best + 1e-12 for tau in CASCADE_TAUS for s in np.ndindex(model.grid.shape))
+
+
+def test_cascade_eval_equals_running_it(cascade_run: Path, images: torch.Tensor) -> None:
+    """eval.json (from the test table) equals compute-saving inference of the loaded run on the same 200 images;
+    each image runs at the probe when the probe's top-1 probability >= tau, else at X, and its logits equal the
+    image run alone at that setting."""
+    ev = json.loads((cascade_run / "eval.json").read_text())
+    clf = load_classifier(cascade_run)
+    data = load_split("test").subset(200)
+    pred = clf.predict(data.as_float())
+    assert ev["accuracy"] == (pred.labels == data.labels).sum().item() / 200
+    assert ev["mean_flops"] == pytest.approx(float(pred.flops.mean()), rel=1e-12)
+    cascade, model = clf.policy, clf.backbone
+    top1 = get_observation("probe").compute(model, model.embed(data.as_float()))[:, 0].numpy()
+    want = np.where((top1 >= cascade.tau)[:, None], [cascade.probe], [cascade.setting])
+    np.testing.assert_array_equal(pred.actions, want)
+    assert {str(s) for s in pred.settings} <= {ev["setting"], str(model.grid.smallest)}
+    small = clf.predict(images)
+    for i in range(len(images)):
+        g, d, w, _ = small.settings[i]
+        torch.testing.assert_close(small.logits[i : i + 1], model(images[i : i + 1], g, d, w), atol=1e-5, rtol=1e-5)
+
+
+def test_cascade_refuses_what_it_cannot_use(work, cascade_run: Path, tmp_path) -> None:
+    """PPO-only options are refused in one line (not ignored); a cascade file of another grid, and a cascade
+    given to the ablation (which fits its own), are refused too."""
+    from policy.cascade import load_cascade
+
+    r = _cli("train_policy.py", "--controller", "cascade", "--timesteps", "5", "--config", str(work["config"]))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--timesteps" in r.stderr, r.stderr
+    bad = tmp_path / "cascade.json"
+    bad.write_text(json.dumps({"tau": 0.9, "setting": [5, 0, 0], "probe": [0, 0, 0]}))
+    with pytest.raises(ValueError, match="not an index of the settings grid"):
+        load_cascade(bad, (3, 3, 3))
+    r = _cli("-m", "policy.ablation", "--backbone", str(work["backbone"]), "--penalties", "0.3", "--policies",
+             str(cascade_run), "--config", str(work["config"]), "--out", str(tmp_path / "ab"), "--train-limit", "300",
+             "--eval-limit", "200", "--cache-dir", str(work["cache"]))  # fmt: skip
+    assert r.returncode == 2 and "is a probe cascade" in r.stderr and len(r.stderr.strip().splitlines()) == 1
