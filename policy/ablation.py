@@ -34,6 +34,7 @@ from backbone.pareto import front_accuracy_at, pareto_front
 from backbone.settings import Setting
 from envs import SequentialSteps, get_observation
 from policy.baselines import early_exit, oracle, random_matched
+from policy.cascade import OBSERVATION as CASCADE_OBSERVATION
 from policy.config import DEFAULT_POLICY_CONFIG, PPO_CONTROLLERS, build_policy_config, check_penalties
 from policy.controller import load_ppo
 from policy.evaluation import (
@@ -113,6 +114,11 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
         given[(side.get("controller", "oneshot"), float(side["flops_penalty"]), int(side["seed"]))] = Path(run)
     penalties = sorted(set(args.penalties) | {p for _, p, _ in given})
     cascades = {p: choose_cascade(model, train, table, p) for p in penalties}
+    spec = get_observation(CASCADE_OBSERVATION)
+    priced, reused = setting_prices(model, spec)
+    for c in cascades.values():  # the cascade controller (train_policy.py --controller cascade) against the baselines
+        m = evaluate_actions(table, c["actions"], spec.flops(model), reused, priced)
+        c.update(baselines_at(table, m, c["actions"], val_acc, early_front, args.seed))
     controllers = []
     for kind in args.controllers:
         for p in penalties:
@@ -133,11 +139,16 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
         "early_exit": early,
         "early_exit_envelope": early_front,
         "oracle": oracle(table.correct, flops),
-        "probe_cascade": [{k: v for k, v in c.items() if k != "outcome"} for c in cascades.values()],
+        "probe_cascade": [_json_row(c) for c in cascades.values()],
         "controllers": controllers,
         "headline": headline(controllers, args.headline_penalty),
         "iso_accuracy": iso_accuracy(controllers, fixed),
     }
+
+
+def _json_row(cascade: dict[str, Any]) -> dict[str, Any]:
+    """A cascade's row without its per-sample arrays and object (kept in memory for McNemar only)."""
+    return {k: v for k, v in cascade.items() if k not in ("outcome", "actions", "cascade")}
 
 
 def early_exit_paths(model, table) -> dict[str, list[dict]]:
@@ -177,9 +188,7 @@ def score_run(
     index = tuple(actions.T)
     priced, reused = setting_prices(model, spec, steps)
     m = evaluate_actions(table, actions, side["controller_flops"], reused, priced)
-    grid, budget = table.grid, m["mean_flops"]
     cost = (priced[index] - reused[index]).astype(np.float64) + m["controller_flops"]
-    early_acc = front_accuracy_at([e["mean_flops"] for e in early_front], [e["accuracy"] for e in early_front], budget)
     cascade = cascades[float(side["flops_penalty"])]
     correct = table.correct[(np.arange(len(table)), *index)]
     return {
@@ -188,21 +197,33 @@ def score_run(
         "flops_penalty": float(side["flops_penalty"]),
         "seed": int(side["seed"]),
         "accuracy": m["accuracy"],
-        "mean_flops": budget,
+        "mean_flops": m["mean_flops"],
         "controller_flops": m["controller_flops"],
         "distinct_settings": m["distinct_settings"],
+        **baselines_at(table, m, actions, val_acc, early_front, seed),
+        "cascade_accuracy": cascade["accuracy"],
+        "cascade_mean_flops": cascade["mean_flops"],
+        "vs_cascade_p_value": mcnemar_p(correct, cascade["outcome"]),
+        "flops_per_image": _where_flops_go(table, cost, spec.probe),
+        "top_settings": dict(list(m["setting_counts"].items())[:5]),
+    }
+
+
+def baselines_at(table, m: dict[str, Any], actions: np.ndarray, val_acc: np.ndarray, early_front: list[dict],
+                 seed: int) -> dict[str, Any]:  # fmt: skip
+    """A controller's test figures ``m`` (:func:`evaluate_actions` of its ``actions``) next to the baselines at its
+    mean FLOPs: the test front (McNemar), the validation-selected setting (McNemar), early exit and random."""
+    budget = m["mean_flops"]
+    return {
         "front_accuracy_at_same_flops": m["best_fixed_accuracy_at_same_flops"],
         "on_or_above_front": bool(m["accuracy"] >= m["best_fixed_accuracy_at_same_flops"]),
         "best_fixed_setting_at_same_flops": m["best_fixed_setting_at_same_flops"],
         "vs_best_fixed_p_value": m["vs_best_fixed_p_value"],
         **validation_selected(table, val_acc, actions, budget),
-        "early_exit_accuracy_at_same_flops": early_acc,
-        "cascade_accuracy": cascade["accuracy"],
-        "cascade_mean_flops": cascade["mean_flops"],
-        "vs_cascade_p_value": mcnemar_p(correct, cascade["outcome"]),
-        "random_matched": random_matched(table.correct, grid.flops, budget, seed=seed),
-        "flops_per_image": _where_flops_go(table, cost, spec.probe),
-        "top_settings": dict(list(m["setting_counts"].items())[:5]),
+        "early_exit_accuracy_at_same_flops": front_accuracy_at(
+            [e["mean_flops"] for e in early_front], [e["accuracy"] for e in early_front], budget
+        ),
+        "random_matched": random_matched(table.correct, table.grid.flops, budget, seed=seed),
     }
 
 
@@ -299,12 +320,22 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             f"{', '.join(format_p(p) for p in h['vs_best_fixed_p_value'])} | "
             f"{'yes' if h['above_front_all_seeds'] else 'no'} |"
         )
-    lines += ["", "## Probe cascade, chosen on policy-train for each penalty", "",
-              "| penalty | tau | X | policy-train accuracy @ MFLOPs | test accuracy | MFLOPs | answered by the probe |",
-              "|---:|---:|---|---:|---:|---:|---:|"]  # fmt: skip
-    lines += [f"| {c['flops_penalty']:g} | {c['tau']:g} | {c['setting']} | {c['train_accuracy']:.2%} @ "
-              f"{fmt(c['train_mean_flops'])} | {c['accuracy']:.2%} | {fmt(c['mean_flops'])} | "
-              f"{c['stopped_at_probe']:.1%} |" for c in result["probe_cascade"]]  # fmt: skip
+    lines += ["", "## Probe cascade, chosen on policy-train for each penalty (`train_policy.py --controller cascade`)",
+              "", "| penalty | tau | X | policy-train accuracy @ MFLOPs | test accuracy | MFLOPs | answered by the "
+              "probe | test front | McNemar p | validation-selected fixed | McNemar p | early exit | "
+              "random @ same FLOPs |",
+              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for c in result["probe_cascade"]:
+        rand = c["random_matched"]
+        lines.append(
+            f"| {c['flops_penalty']:g} | {c['tau']:g} | {c['setting']} | {c['train_accuracy']:.2%} @ "
+            f"{fmt(c['train_mean_flops'])} | {c['accuracy']:.2%} | {fmt(c['mean_flops'])} | "
+            f"{c['stopped_at_probe']:.1%} | {pct(c['front_accuracy_at_same_flops'])} | "
+            f"{format_p(c['vs_best_fixed_p_value'])} | {pct(c['validation_fixed_accuracy'])} "
+            f"({c['validation_fixed_setting']}) | {format_p(c['vs_validation_fixed_p_value'])} | "
+            f"{pct(c['early_exit_accuracy_at_same_flops'])} | "
+            f"{'n/a' if rand is None else format(rand['accuracy'], '.2%')} |"
+        )
     lines += ["", "## Iso-accuracy: controllers within 0.1 points of the full setting", ""]
     if result["iso_accuracy"]:
         lines += ["| controller | penalty | seed | accuracy | MFLOPs | saving vs full | cheapest fixed as accurate | "
@@ -355,7 +386,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             lw=1.2, label="confidence early exit (best path, tau swept)")  # fmt: skip
     cas = sorted(result["probe_cascade"], key=lambda c: c["mean_flops"])
     ax.plot([c["mean_flops"] / 1e6 for c in cas], [100 * c["accuracy"] for c in cas], marker="^", ms=5, c="tab:cyan",
-            lw=1, label="probe cascade (tau, X chosen on policy-train per penalty)")  # fmt: skip
+            lw=1, label="probe cascade controller (tau, X fitted on policy-train per penalty)")  # fmt: skip
     o = result["oracle"]
     ax.scatter([o["mean_flops"] / 1e6], [100 * o["accuracy"]], marker="*", s=140, c="tab:green", label="oracle")
     ctrl = result["controllers"]

@@ -118,8 +118,15 @@ def matched_distribution(flops: np.ndarray, budget: float) -> np.ndarray | None:
         z = np.exp(-beta * (x - x.min()))
         return z / z.sum()
 
-    beta = brentq(lambda b: probs(b) @ f - budget, -200.0, 200.0)
-    return probs(beta).reshape(flops.shape)
+    def excess(beta: float) -> float:
+        return float(probs(beta) @ f - budget)
+
+    lo, hi = -200.0, 200.0  # widened until they bracket the budget: one just above the cheapest needs a large beta
+    while excess(hi) > 0:
+        hi *= 2
+    while excess(lo) < 0:
+        lo *= 2
+    return probs(brentq(excess, lo, hi)).reshape(flops.shape)
 
 
 def random_matched(correct: np.ndarray, flops: np.ndarray, budget: float, seed: int = 0) -> dict | None:

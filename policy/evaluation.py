@@ -177,6 +177,7 @@ def choose_cascade(model, train, test, penalty: float) -> dict[str, Any]:
     ok, spent = cascade_outcome(test.correct, test.confidence, grid.flops, spec.reused_flops(model),
                                 spec.flops(model), cascade.tau, cascade.setting, cascade.probe)  # fmt: skip
     return {
+        "cascade": cascade,
         "flops_penalty": penalty,
         "tau": cascade.tau,
         "setting": str(grid.setting(cascade.setting)),
@@ -186,4 +187,5 @@ def choose_cascade(model, train, test, penalty: float) -> dict[str, Any]:
         "mean_flops": float(spent.mean()),
         "stopped_at_probe": float((test.confidence[(slice(None), *cascade.probe)] >= cascade.tau).mean()),
         "outcome": ok,  # per test sample: correct (for McNemar against a controller)
+        "actions": cascade.table_actions(test),  # per test sample: the setting it ran
     }

@@ -129,6 +129,11 @@ def test_matched_distribution_spends_the_budget_at_maximum_entropy() -> None:
     for budget in [50.0, 100.0, 700.0, 800.0]:
         assert matched_distribution(flops, budget) is None
         assert random_matched(np.ones((3, 2, 1, 2), bool), flops, budget) is None
+    # a budget a hair above the cheapest (or below the dearest) setting, next to a close second, needs a |beta|
+    # far beyond the first bracket (the ablation met one: a probe cascade that answered almost every image)
+    close = np.array([[[100, 101]], [[10_000, 20_000]]], dtype=np.int64)
+    for budget in [100.01, 19_999.0]:
+        assert (matched_distribution(close, budget) * close).sum() == pytest.approx(budget, rel=1e-9)
 
 
 def test_random_matched_scores_its_draws() -> None:

@@ -395,6 +395,11 @@ def test_ablation_end_to_end(work, run: Path, tmp_path) -> None:
             for i in table.grid.indices():
                 a, f = cascade(train, tau, i)
                 assert a - c["flops_penalty"] * f / full <= best + 1e-12
+        # and it is compared with the baselines at its FLOPs as a controller is
+        cheaper = [f["accuracy"] for f in result["fixed"] if f["flops"] <= c["mean_flops"]]
+        assert c["front_accuracy_at_same_flops"] == max(cheaper)
+        assert c["on_or_above_front"] == (c["accuracy"] >= max(cheaper)) and 0 <= c["vs_best_fixed_p_value"] <= 1
+        assert c["validation_fixed_setting"] and 0 <= c["vs_validation_fixed_p_value"] <= 1
     for ctrl in result["controllers"]:
         cascade = next(c for c in result["probe_cascade"] if c["flops_penalty"] == ctrl["flops_penalty"])
         assert (ctrl["cascade_accuracy"], ctrl["cascade_mean_flops"]) == (cascade["accuracy"], cascade["mean_flops"])
