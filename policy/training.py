@@ -183,10 +183,7 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
         raise RuntimeError(f"decision network has {actor_flops(ppo.policy)} FLOPs, the env charged {episode}")
     controller_flops = int(train_table.obs_flops) + actor_flops(ppo.policy)  # observation + (first) decision
     sidecar_base = {
-        "backbone_path": None if cfg.backbone is None else str(Path(cfg.backbone).resolve()),  # None = shipped
-        "backbone_sha256": model.checkpoint_sha256,
-        "data": None if cfg.task == "fmnist" else str(Path(cfg.data).expanduser().resolve()),  # None = fmnist
-        "grid": grid.to_json(),
+        **_run_identity(cfg, model),
         "observation": cfg.observation,
         "controller": cfg.controller,
         **episode,
@@ -194,11 +191,7 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
         "obs_flops": int(train_table.obs_flops),
         "actor_flops": actor_flops(ppo.policy),
         "controller_flops": controller_flops,
-        "flops_penalty": cfg.flops_penalty,
         "reward": cfg.reward,
-        "seed": cfg.seed,
-        "train_split": cfg.train_split,
-        "versions": versions(),
     }
     start_timesteps = int(ppo.num_timesteps)
     timing = Timing(out / TIMING, resume=bool(resume))
@@ -253,6 +246,20 @@ def train_controller(cfg: PolicyConfig, resume: str | None = None, progress: boo
     return out, metrics
 
 
+def _run_identity(cfg: PolicyConfig, model) -> dict[str, Any]:
+    """What every controller's ``policy.json`` records: the backbone, task and grid it belongs to, and its run."""
+    return {
+        "backbone_path": None if cfg.backbone is None else str(Path(cfg.backbone).resolve()),  # None = shipped
+        "backbone_sha256": model.checkpoint_sha256,
+        "data": None if cfg.task == "fmnist" else str(Path(cfg.data).expanduser().resolve()),  # None = fmnist
+        "grid": model.grid.to_json(),
+        "flops_penalty": cfg.flops_penalty,
+        "seed": cfg.seed,
+        "train_split": cfg.train_split,
+        "versions": versions(),
+    }
+
+
 def _fit_cascade_run(cfg: PolicyConfig, out: Path, model, train_table: OutcomeTable, eval_table: OutcomeTable,
                      t_tables: float, t0: float) -> tuple[Path, dict]:  # fmt: skip
     """``--controller cascade``: fit (tau, X) on policy-train, write the run folder, score it on ``eval_table``."""
@@ -263,22 +270,15 @@ def _fit_cascade_run(cfg: PolicyConfig, out: Path, model, train_table: OutcomeTa
     out.mkdir(parents=True, exist_ok=True)
     save_cascade(cascade, out / CASCADE_JSON)
     write_sidecar(out / SIDECAR, {
-        "backbone_path": None if cfg.backbone is None else str(Path(cfg.backbone).resolve()),
-        "backbone_sha256": model.checkpoint_sha256,
-        "data": None if cfg.task == "fmnist" else str(Path(cfg.data).expanduser().resolve()),
-        "grid": grid.to_json(),
+        **_run_identity(cfg, model),
         "observation": CASCADE_OBSERVATION,
         "controller": "cascade",
         "obs_dim": spec.dim(model),
         "obs_flops": controller_flops,
         "actor_flops": 0,
         "controller_flops": controller_flops,
-        "flops_penalty": cfg.flops_penalty,
-        "seed": cfg.seed,
-        "train_split": cfg.train_split,
         "train_accuracy": train_acc,
         "train_mean_flops": train_flops,
-        "versions": versions(),
     })  # fmt: skip
     dump_yaml(cfg, out / "config.yaml")
     priced, reused = setting_prices(model, spec)
