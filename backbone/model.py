@@ -69,6 +69,14 @@ class PatchMemory:
         return PatchMemory(self.tokens[index], features, self.stage, k, v)
 
 
+def width_groups(widths: np.ndarray, hidden_dim) -> list[tuple[torch.Tensor | None, int]]:
+    """Per-row FFN widths -> ``[(row indices or None for all rows, hidden units), ...]``, one per distinct width."""
+    distinct = np.unique(widths)
+    if len(distinct) == 1:
+        return [(None, hidden_dim(int(distinct[0])))]
+    return [(torch.from_numpy(np.flatnonzero(widths == w)), hidden_dim(int(w))) for w in distinct.tolist()]
+
+
 class AdaPerceiver(nn.Module):
     """Perceiver-style classifier adaptive in latent tokens, depth (early exit) and FFN width."""
 
@@ -330,7 +338,22 @@ class AdaPerceiver(nn.Module):
         widths = np.asarray(widths)
         if widths.shape != (latents.shape[0],):
             raise ValueError(f"need one width per row ({latents.shape[0]}), got shape {widths.shape}")
-        return self.forward_blocks(latents, index, index + 1, widths.tolist())
+        self.resolve_setting(latents.shape[1], index + 1, widths.tolist())
+        return self.forward_block_grouped_unchecked(latents, index, width_groups(widths, self.cfg.hidden_dim))
+
+    def forward_block_grouped_unchecked(
+        self, latents: torch.Tensor, index: int, groups: list[tuple[torch.Tensor | None, int]]
+    ) -> torch.Tensor:
+        """Block ``index`` with the attention half once on every row and the MLP half once per ``(rows, hidden)``
+        group (``rows`` None: all of them), without validation: the hot path of adaptive inference, whose rows of
+        one token count but several widths then pay one attention instead of one per width."""
+        block = self.blocks[index]
+        z = block.forward_attn(latents, self.rope, self._latent_mask(latents.shape[1]))
+        if len(groups) == 1 and groups[0][0] is None:
+            return block.forward_mlp(z, groups[0][1])
+        for rows, hidden in groups:  # disjoint rows: each group reads and writes only its own
+            z[rows] = block.forward_mlp(z[rows], hidden)
+        return z
 
     def _latent_mask(self, g: int) -> torch.Tensor | None:
         """Block-causal mask over ``g`` latents; with one granularity in play (or ``latent_mask="none"``) every latent

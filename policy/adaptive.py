@@ -2,11 +2,12 @@
 
 For a batch: embed once (the probe stage's patch tokens, shared by every setting of that stage; deeper stages continue
 its stem, and reads of many latents project keys/values only for their own rows), compute the controller's
-observation from that (running the cheap probe setting), choose settings deterministically, then run the batch
-grouped by (tokens, width). A group reads its latents once and goes through the blocks with early exit: rows are
-sorted deepest first, so after each block the rows whose chosen depth is reached are written out and the rest
-carry on as a shorter prefix of the batch (at most K x M groups, not one per setting). The group with the probe's
-tokens and width continues from the probe's latents instead of redoing its read and first block. Results go back
+observation from that (running the cheap probe setting), choose settings deterministically, then read once per
+(stage, tokens) and run the blocks once per token count, the rows of every stage and width together, with early
+exit: rows are sorted deepest first, so after each block the rows whose chosen depth is reached are written out and
+the rest carry on as a shorter prefix of the batch (at most K groups, not one per setting; each block's MLP half
+runs once per width present). Rows with the probe's
+stage, tokens and width continue from the probe's latents instead of redoing its read and first block. Results go back
 in input order. FLOPs per image = FLOPs(chosen setting) - the probe work it reused + the controller's overhead.
 """
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from backbone.checkpoint import DEFAULT_BACKBONE, load_backbone
+from backbone.model import width_groups
 from backbone.settings import Setting
 from envs import get_observation
 from policy.cascade import OBSERVATION as CASCADE_OBSERVATION
@@ -58,6 +60,7 @@ class AdaptiveClassifier:
             controller_flops if controller_flops is not None else self.spec.flops(backbone) + decision_flops
         )
         self.grid = backbone.grid
+        self.hidden_dim = backbone.cfg.hidden_dim  # FFN width -> MLP hidden units
         self.reused_flops = self.spec.reused_flops(backbone)  # observation work a setting goes on from
         self.continues_probe = self.spec.continues_probe(backbone)  # settings that start from the probe's latents
 
@@ -104,6 +107,7 @@ class AdaptiveClassifier:
         if at_probe.any():
             logits[at_probe] = probe[1][at_probe]
         stages = setting.stage if setting.stage is not None else np.full(n, memory.stage)
+        starts: dict[int, list[tuple[np.ndarray, torch.Tensor]]] = {}  # tokens -> (rows, latents before block 1)
         for stage in np.unique(stages).tolist():
             in_stage = np.flatnonzero((stages == stage) & ~at_probe)
             if len(in_stage) == 0:
@@ -111,62 +115,60 @@ class AdaptiveClassifier:
             # one stem continuation per deeper stage: from the probe stage's feature map, nothing redone
             deeper = stage != memory.stage
             mem = model.continue_embed(memory, stage, torch.from_numpy(in_stage)) if deeper else memory
-            for g in np.unique(setting.tokens[in_stage]).tolist():
+            for g in np.unique(setting.tokens[in_stage]).tolist():  # one read per (stage, tokens)
                 rows = in_stage[setting.tokens[in_stage] == g]
                 local = np.searchsorted(in_stage, rows) if deeper else rows  # rows of `mem`
-                # one read, one pass through the blocks and one write-out per (stage, tokens): widths and
-                # depths mixed
                 start = memory.tokens.new_empty(len(rows), g, model.cfg.embed_dim)
                 c = cont[rows]
                 if c.any():
                     start[c] = probe[0][rows[c]]
                 if not c.all():
                     start[~c] = model.read_latents(mem[torch.from_numpy(local[~c])], g)
-                logits[rows] = model.forward_head(self._run_blocks(start, setting.depth[rows], setting.width[rows], c))
+                starts.setdefault(g, []).append((rows, start))
+        # one pass through the blocks and one write-out per token count, every stage's rows together (after the
+        # read the blocks do not depend on the stage): fewer, larger groups of small operators
+        for parts in starts.values():
+            rows = np.concatenate([r for r, _ in parts])
+            start = parts[0][1] if len(parts) == 1 else torch.cat([z for _, z in parts])
+            final = self._run_blocks(start, setting.depth[rows], setting.width[rows], cont[rows])
+            logits[rows] = model.forward_head(final)
         flops = self.grid.flops_of(actions) - self.reused_flops[index] + self.controller_flops
         return Prediction(logits.argmax(-1), logits, self.grid.settings(actions), actions, flops)
 
     def _run_blocks(
         self, latents: torch.Tensor, depth: np.ndarray, widths: np.ndarray, past_block1: np.ndarray
     ) -> torch.Tensor:
-        """Each row through blocks ``1..depth[i]`` at ``widths[i]`` (rows with ``past_block1`` skip block 1).
+        """Each row through blocks ``1..depth[i]`` at ``widths[i]`` (rows with ``past_block1`` skip block 1); the
+        latents each row exits with, in input order.
 
-        One pass per width, so every MLP runs on one contiguous batch at its sliced width (mixing widths in a
-        batch made each block gather and scatter rows around its MLP). Within a width, rows are sorted deepest
-        first, so the rows still running are always a prefix: each block runs once, on exactly the rows that
-        need it (early exit without masking or wasted rows).
+        Rows are sorted deepest first, so the rows still running are always a prefix: each block runs once, on
+        exactly the rows that need it (early exit without masking or wasted rows). Its attention half runs once on
+        the whole prefix, whatever the widths; its MLP half once per width on that width's rows of the prefix.
         """
-        out = torch.empty_like(latents)
-        for width in np.unique(widths).tolist():
-            rows = np.flatnonzero(widths == width)
-            rows = rows[np.argsort(-depth[rows], kind="stable")]
-            whole = len(rows) == len(latents) and bool((rows == np.arange(len(rows))).all())
-            index = None if whole else torch.from_numpy(rows)
-            z = latents if index is None else latents[index]
-            final = self._early_exit(z, depth[rows], self.backbone.cfg.hidden_dim(width), past_block1[rows])
-            if index is None:
-                out = final
-            else:
-                out[index] = final
-        return out
-
-    def _early_exit(self, z: torch.Tensor, depth: np.ndarray, hidden: int, past_block1: np.ndarray) -> torch.Tensor:
-        """Rows of one width, sorted deepest first, through blocks ``1..depth[i]``; the latents each exits with."""
         model = self.backbone
+        order = np.argsort(-depth, kind="stable")
+        identity = bool((order == np.arange(len(order))).all())
+        z = latents if identity else latents[torch.from_numpy(order)]
+        depth, widths, past_block1 = depth[order], widths[order], past_block1[order]
         final = torch.empty_like(z) if depth[-1] < depth[0] else None  # None: all exit after the last block
         for d in range(1, int(depth[0]) + 1):
             alive = int(np.count_nonzero(depth >= d))
             z = z[:alive]
-            if d == 1 and past_block1.any():
-                todo = torch.from_numpy(np.flatnonzero(~past_block1[:alive]))
-                if len(todo):
-                    z[todo] = model.forward_block_unchecked(z[todo], 0, hidden)
-            else:
-                z = model.forward_block_unchecked(z, d - 1, hidden)
+            todo = np.flatnonzero(~past_block1[:alive]) if d == 1 else None  # rows that still need block 1
+            if todo is None or len(todo) == alive:
+                z = model.forward_block_grouped_unchecked(z, d - 1, width_groups(widths[:alive], self.hidden_dim))
+            elif len(todo):
+                rows = torch.from_numpy(todo)
+                z[rows] = model.forward_block_grouped_unchecked(z[rows], 0, width_groups(widths[todo], self.hidden_dim))
             if final is not None and depth[alive - 1] == d:
                 lo = int(np.argmax(depth[:alive] == d))  # the rows exiting here are the tail of the running prefix
                 final[lo:alive] = z[lo:alive]
-        return z if final is None else final
+        out = z if final is None else final
+        if identity:
+            return out
+        unsorted = torch.empty_like(out)
+        unsorted[torch.from_numpy(order)] = out
+        return unsorted
 
 
 def _as_batch(images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:

@@ -584,3 +584,23 @@ def test_cascade_refuses_what_it_cannot_use(work, cascade_run: Path, tmp_path) -
              str(cascade_run), "--config", str(work["config"]), "--out", str(tmp_path / "ab"), "--train-limit", "300",
              "--eval-limit", "200", "--cache-dir", str(work["cache"]))  # fmt: skip
     assert r.returncode == 2 and "is a probe cascade" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_blocks_of_mixed_depths_widths_and_probe_rows_equal_each_row_alone(run: Path) -> None:
+    """``_run_blocks`` (one attention per block for every width, the MLP per width, early exit by prefix) gives each
+    row what it gets alone: blocks 1..depth at its width, from block 2 for a row that continues the probe."""
+    clf = AdaptiveClassifier.load(run)
+    model, cfg = clf.backbone, clf.backbone.cfg
+    rng = np.random.default_rng(0)
+    n, g = 40, cfg.token_granularities[0]
+    torch.manual_seed(0)
+    latents = torch.randn(n, g, cfg.embed_dim)
+    depth = rng.integers(1, cfg.depth + 1, n)
+    widths = np.array(cfg.widths)[rng.integers(0, len(cfg.widths), n)]
+    past_block1 = rng.random(n) < 0.3
+    with torch.no_grad():
+        out = clf._run_blocks(latents, depth, widths, past_block1)
+        for i in range(n):
+            start = int(past_block1[i])
+            want = model.forward_blocks(latents[i : i + 1], start, max(int(depth[i]), start), int(widths[i]))
+            torch.testing.assert_close(out[i : i + 1], want, atol=1e-5, rtol=1e-5)
