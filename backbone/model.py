@@ -319,14 +319,6 @@ class AdaPerceiver(nn.Module):
             latents = block(latents, self.rope, mask, hidden)
         return latents
 
-    def forward_block_unchecked(self, latents: torch.Tensor, index: int, hidden: int) -> torch.Tensor:
-        """Block ``index`` (0-based) at ``hidden`` MLP units (``cfg.hidden_dim(width)``), without validation.
-
-        The hot path of adaptive inference, whose settings come from the grid: at batch 1 the checks of
-        :meth:`forward_blocks` cost about as much as the block.
-        """
-        return self.blocks[index](latents, self.rope, self._latent_mask(latents.shape[1]), hidden)
-
     def forward_block_mixed_widths(
         self, latents: torch.Tensor, index: int, widths: Sequence[int] | np.ndarray
     ) -> torch.Tensor:
@@ -344,9 +336,13 @@ class AdaPerceiver(nn.Module):
     def forward_block_grouped_unchecked(
         self, latents: torch.Tensor, index: int, groups: list[tuple[torch.Tensor | None, int]]
     ) -> torch.Tensor:
-        """Block ``index`` with the attention half once on every row and the MLP half once per ``(rows, hidden)``
-        group (``rows`` None: all of them), without validation: the hot path of adaptive inference, whose rows of
-        one token count but several widths then pay one attention instead of one per width."""
+        """Block ``index`` (0-based) with the attention half once on every row and the MLP half once per
+        ``(rows, hidden)`` group (``rows`` None: all of them; ``hidden`` = ``cfg.hidden_dim(width)``).
+
+        The hot path of adaptive inference: rows of one token count but several widths pay one attention instead of
+        one per width, and nothing is validated (the settings come from the grid; at batch 1 the checks of
+        :meth:`forward_blocks` cost about as much as the block).
+        """
         block = self.blocks[index]
         z = block.forward_attn(latents, self.rope, self._latent_mask(latents.shape[1]))
         if len(groups) == 1 and groups[0][0] is None:

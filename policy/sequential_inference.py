@@ -1,10 +1,11 @@
 """Compute-saving inference with a sequential controller: rows leave the block loop when their controller says stop.
 
 For a batch: embed once and compute the one-shot observation (running the probe); the controller picks each
-image's stage, tokens and width. Per (stage, tokens) the latents are read once, then each width's rows go through
-the blocks as one batch; after each block the running predictions are written out, their statistics become the
-step's observations (one decision call for every running row), and the rows the controller stops keep that
-prediction and leave the batch. Rows at the probe's stage,
+image's stage, tokens and width. Per (stage, tokens) the latents are read once, then each token count's rows (every
+stage and width) go through the blocks as one batch, each block's attention half once and its MLP half once per
+width; after each block the running predictions are written out, their statistics become the step's observations
+(one decision call for every running row), and the rows the controller stops keep that prediction and leave the
+batch. Rows at the probe's stage,
 tokens and width start from the probe's latents and logits (its read, block 1 and write-out are not redone).
 
 FLOPs per image = ``SequentialSteps.spent_flops`` at the exit (every write-out looked at and every decision) - the
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from backbone.checkpoint import DEFAULT_BACKBONE, load_backbone
+from backbone.model import width_groups
 from backbone.prediction_stats import prediction_stats
 from envs import SequentialSteps, get_observation
 from envs.sequential_steps import STOP
@@ -69,33 +71,33 @@ class SequentialClassifier:
     @torch.no_grad()
     def predict(self, images: torch.Tensor | list[torch.Tensor]) -> Prediction:
         """Classify ``images`` (float ``(B, C, H, W)`` in [0, 1], or a list of ``(C, H, W)``) step by step."""
-        model, steps = self.backbone, self.steps
+        model, steps, hidden = self.backbone, self.steps, self.backbone.cfg.hidden_dim
         memory, probe, base, choice = self.front(images)
         n = len(choice)
         first = steps.setting_index(choice, np.ones(n, np.int64))
         at_depth1 = self.grid.values(np.stack(first, axis=1))
         cont = self.continues_probe[first]
         stages = at_depth1.stage if at_depth1.stage is not None else np.full(n, memory.stage)
-        groups = []  # (rows, latents after block d, logits after block d, MLP hidden units): one per setting path
+        parts: dict[int, list] = {}  # tokens -> [(rows, latents after block 1, logits after block 1), ...]
         for stage in np.unique(stages).tolist():
             in_stage = np.flatnonzero(stages == stage)
             deeper = stage != memory.stage  # continue the stem from the probe stage's feature map, those rows only
             mem = model.continue_embed(memory, stage, torch.from_numpy(in_stage)) if deeper else memory
             for g in np.unique(at_depth1.tokens[in_stage]).tolist():
                 of_g = in_stage[at_depth1.tokens[in_stage] == g]
-                fresh = of_g[~cont[of_g]]  # rows on the probe's path take its latents and prediction instead
-                local = np.searchsorted(in_stage, fresh) if deeper else fresh  # rows of `mem`
-                read = model.read_latents(mem[torch.from_numpy(local)], g) if len(fresh) else None  # one per (s, g)
-                for width in np.unique(at_depth1.width[of_g]).tolist():
-                    rows, hidden = of_g[at_depth1.width[of_g] == width], model.cfg.hidden_dim(width)
-                    c = cont[rows]
-                    if c.all():
-                        z, first = probe[0][torch.from_numpy(rows)], probe[1][torch.from_numpy(rows)]
-                    else:  # no row of a width other than the probe's continues it
-                        z = model.forward_block_unchecked(read[torch.from_numpy(np.flatnonzero(np.isin(fresh, rows)))],
-                                                          0, hidden)  # fmt: skip
-                        first = model.forward_head(z)
-                    groups.append((rows, z, first, hidden))
+                on_probe = of_g[cont[of_g]]  # rows on the probe's path take its latents and prediction
+                if len(on_probe):
+                    at = torch.from_numpy(on_probe)
+                    parts.setdefault(g, []).append((on_probe, probe[0][at], probe[1][at]))
+                fresh = of_g[~cont[of_g]]
+                if len(fresh):
+                    local = np.searchsorted(in_stage, fresh) if deeper else fresh  # rows of `mem`
+                    read = model.read_latents(mem[torch.from_numpy(local)], g)  # one read per (stage, tokens)
+                    z = model.forward_block_grouped_unchecked(read, 0, width_groups(at_depth1.width[fresh], hidden))
+                    parts.setdefault(g, []).append((fresh, z, model.forward_head(z)))
+        # one group per token count, every stage and width together: (rows, latents, logits, widths)
+        groups = [(np.concatenate([p[0] for p in ps]), torch.cat([p[1] for p in ps]), torch.cat([p[2] for p in ps]),
+                   at_depth1.width[np.concatenate([p[0] for p in ps])]) for ps in parts.values()]  # fmt: skip
         logits = memory.tokens.new_empty(n, model.cfg.num_classes)
         depth = self._exit_steps(groups, base, choice, logits)
         actions = np.stack(steps.setting_index(choice, depth), axis=1)
@@ -105,7 +107,7 @@ class SequentialClassifier:
 
     def _exit_steps(self, groups: list, base: np.ndarray, choice: np.ndarray, logits_out: torch.Tensor) -> np.ndarray:
         """Blocks 2.. of every group; after each block one decision for every running row. Returns exit depths."""
-        model, steps = self.backbone, self.steps
+        model, steps, hidden = self.backbone, self.steps, self.backbone.cfg.hidden_dim
         last = len(self.grid.depths)
         depth = np.zeros(len(base), np.int64)
         previous_stats = np.zeros((len(base), 3), np.float32)
@@ -126,12 +128,14 @@ class SequentialClassifier:
             logits_out[torch.from_numpy(rows[stop])] = running[torch.from_numpy(stop)]
             depth[rows[stop]] = d
             going, at = [], 0
-            for g_rows, z, _, hidden in groups:
+            for g_rows, z, _, widths in groups:
                 go = ~stop[at : at + len(g_rows)]
                 at += len(g_rows)
                 if go.any():
-                    z = model.forward_block_unchecked(z[torch.from_numpy(go)], d, hidden)
-                    going.append((g_rows[go], z, model.forward_head(z), hidden))
+                    z = model.forward_block_grouped_unchecked(
+                        z[torch.from_numpy(go)], d, width_groups(widths[go], hidden)
+                    )
+                    going.append((g_rows[go], z, model.forward_head(z), widths[go]))
             groups = going
             if not groups:
                 break
