@@ -6,9 +6,9 @@ observation from that (running the cheap probe setting), choose settings determi
 (stage, tokens) and run the blocks once per token count, the rows of every stage and width together, with early
 exit: rows are sorted deepest first, so after each block the rows whose chosen depth is reached are written out and
 the rest carry on as a shorter prefix of the batch (at most K groups, not one per setting; each block's MLP half
-runs once per width present). Rows with the probe's
-stage, tokens and width continue from the probe's latents instead of redoing its read and first block. Results go back
-in input order. FLOPs per image = FLOPs(chosen setting) - the probe work it reused + the controller's overhead.
+runs once per width present). Rows with the probe's stage, tokens and width continue from the probe's latents
+instead of redoing its read and first block. Results go back in input order. FLOPs per image = FLOPs(chosen
+setting) - the probe work it reused + the controller's overhead.
 """
 
 from __future__ import annotations
