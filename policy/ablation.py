@@ -263,10 +263,23 @@ def headline(controllers: list[dict], penalty: float) -> dict[str, Any]:
     return out
 
 
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2%}"
+
+
+def _baseline_cells(r: dict[str, Any]) -> str:
+    """Markdown cells: test front | McNemar p | validation-selected (setting) | McNemar p | early exit."""
+    return (
+        f"{_pct(r['front_accuracy_at_same_flops'])} | {format_p(r['vs_best_fixed_p_value'])} | "
+        f"{_pct(r['validation_fixed_accuracy'])} ({r['validation_fixed_setting']}) | "
+        f"{format_p(r['vs_validation_fixed_p_value'])} | {_pct(r['early_exit_accuracy_at_same_flops'])}"
+    )
+
+
 def write_markdown(result: dict[str, Any], path: Path) -> None:
     full = max(result["fixed"], key=lambda r: r["flops"])
     fmt = lambda f: f"{f / 1e6:.2f}"  # noqa: E731
-    pct = lambda v: "n/a" if v is None else f"{v:.2%}"  # noqa: E731
+    pct = _pct
     lines = [
         f"# Ablation on `{result['split']}` ({result['samples']} images)",
         "",
@@ -293,10 +306,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         rand = r["random_matched"]
         lines.append(
             f"| {r['controller']} | {r['flops_penalty']:g} | {r['seed']} | {r['accuracy']:.2%} | "
-            f"{fmt(r['mean_flops'])} | {1 - r['mean_flops'] / full['flops']:.1%} | "
-            f"{pct(r['front_accuracy_at_same_flops'])} | {format_p(r['vs_best_fixed_p_value'])} | "
-            f"{pct(r['validation_fixed_accuracy'])} ({r['validation_fixed_setting']}) | "
-            f"{format_p(r['vs_validation_fixed_p_value'])} | {pct(r['early_exit_accuracy_at_same_flops'])} | "
+            f"{fmt(r['mean_flops'])} | {1 - r['mean_flops'] / full['flops']:.1%} | {_baseline_cells(r)} | "
             f"{pct(r['cascade_accuracy'])} @ {fmt(r['cascade_mean_flops'])} | {format_p(r['vs_cascade_p_value'])} | "
             f"{'n/a' if rand is None else format(rand['accuracy'], '.2%')} | {r['distinct_settings']} |"
         )
@@ -330,10 +340,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         lines.append(
             f"| {c['flops_penalty']:g} | {c['tau']:g} | {c['setting']} | {c['train_accuracy']:.2%} @ "
             f"{fmt(c['train_mean_flops'])} | {c['accuracy']:.2%} | {fmt(c['mean_flops'])} | "
-            f"{c['stopped_at_probe']:.1%} | {pct(c['front_accuracy_at_same_flops'])} | "
-            f"{format_p(c['vs_best_fixed_p_value'])} | {pct(c['validation_fixed_accuracy'])} "
-            f"({c['validation_fixed_setting']}) | {format_p(c['vs_validation_fixed_p_value'])} | "
-            f"{pct(c['early_exit_accuracy_at_same_flops'])} | "
+            f"{c['stopped_at_probe']:.1%} | {_baseline_cells(c)} | "
             f"{'n/a' if rand is None else format(rand['accuracy'], '.2%')} |"
         )
     lines += ["", "## Iso-accuracy: controllers within 0.1 points of the full setting", ""]
