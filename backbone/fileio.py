@@ -78,6 +78,16 @@ def write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> No
     write_text(path, json.dumps(data, indent=indent, default=_json_default))
 
 
+def write_json_and_markdown(out: str | os.PathLike, stem: str, result: Any, markdown: str) -> tuple[Path, Path]:
+    """A command's report: ``OUT/STEM.json`` (the figures) and ``OUT/STEM.md`` (the same as tables), both atomic."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / f"{stem}.json", out / f"{stem}.md"
+    write_json(paths[0], result, indent=1)
+    write_text(paths[1], markdown)
+    return paths
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """The JSON in ``path``; ValueError naming the file if it is not JSON (a truncated or foreign file)."""
     try:

@@ -34,7 +34,6 @@ from backbone.pareto import front_accuracy_at, pareto_front
 from backbone.settings import Setting
 from envs import SequentialSteps, get_observation
 from policy.baselines import early_exit, oracle, random_matched
-from policy.cascade import OBSERVATION as CASCADE_OBSERVATION
 from policy.config import DEFAULT_POLICY_CONFIG, PPO_CONTROLLERS, build_policy_config, check_penalties
 from policy.controller import load_ppo
 from policy.evaluation import (
@@ -114,11 +113,8 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
         given[(side.get("controller", "oneshot"), float(side["flops_penalty"]), int(side["seed"]))] = Path(run)
     penalties = sorted(set(args.penalties) | {p for _, p, _ in given})
     cascades = {p: choose_cascade(model, train, table, p) for p in penalties}
-    spec = get_observation(CASCADE_OBSERVATION)
-    priced, reused = setting_prices(model, spec)
     for c in cascades.values():  # the cascade controller (train_policy.py --controller cascade) against the baselines
-        m = evaluate_actions(table, c["actions"], spec.flops(model), reused, priced)
-        c.update(baselines_at(table, m, c["actions"], val_acc, early_front, args.seed))
+        c.update(baselines_at(table, c["metrics"], c["actions"], val_acc, early_front, args.seed))
     controllers = []
     for kind in args.controllers:
         for p in penalties:
@@ -148,7 +144,7 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
 
 def _json_row(cascade: dict[str, Any]) -> dict[str, Any]:
     """A cascade's row without its per-sample arrays and object (kept in memory for McNemar only)."""
-    return {k: v for k, v in cascade.items() if k not in ("outcome", "actions", "cascade")}
+    return {k: v for k, v in cascade.items() if k not in ("cascade", "outcome", "actions", "metrics")}
 
 
 def early_exit_paths(model, table) -> dict[str, list[dict]]:

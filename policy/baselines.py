@@ -86,7 +86,8 @@ def cascade_outcome(
     correct: np.ndarray, confidence: np.ndarray, flops: np.ndarray, reused: np.ndarray, overhead: int,
     tau: float, setting: tuple[int, ...], probe: tuple[int, ...],
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Per sample: (correct, FLOPs) of the probe cascade with threshold ``tau`` and second setting ``setting``."""
+    """Per sample: (correct, FLOPs) of the probe cascade with threshold ``tau`` and second setting ``setting``: the
+    image-by-image definition that the vectorised :func:`probe_cascade` and a fitted cascade are checked against."""
     sure = confidence[(slice(None), *probe)] >= tau
     ok = np.where(sure, correct[(slice(None), *probe)], correct[(slice(None), *setting)])
     cost = overhead + np.where(sure, float(flops[probe] - reused[probe]), float(flops[setting] - reused[setting]))

@@ -11,7 +11,6 @@ from scipy.stats import binomtest
 from backbone.pareto import front_accuracy_at
 from backbone.settings import Setting
 from envs import get_observation
-from policy.baselines import cascade_outcome
 from policy.cascade import OBSERVATION, fit_cascade
 
 
@@ -171,21 +170,23 @@ def iso_accuracy(controllers: list[dict], fixed: list[dict]) -> list[dict]:
 
 def choose_cascade(model, train, test, penalty: float) -> dict[str, Any]:
     """The probe cascade (threshold and second setting) of highest mean reward ``accuracy - penalty * FLOPs /
-    FLOPs(full)`` on ``train`` (policy-train, as a controller is chosen), scored on ``test``."""
+    FLOPs(full)`` on ``train`` (policy-train, as a controller is chosen), scored on ``test`` as a controller is
+    (:func:`evaluate_actions`, whose figures ``metrics`` keeps for comparisons with the baselines)."""
     cascade, train_acc, train_flops = fit_cascade(model, train, penalty)
-    spec, grid = get_observation(OBSERVATION), train.grid
-    ok, spent = cascade_outcome(test.correct, test.confidence, grid.flops, spec.reused_flops(model),
-                                spec.flops(model), cascade.tau, cascade.setting, cascade.probe)  # fmt: skip
+    spec = get_observation(OBSERVATION)
+    actions = cascade.table_actions(test)
+    metrics = evaluate_actions(test, actions, spec.flops(model), spec.reused_flops(model))
     return {
-        "cascade": cascade,
+        "cascade": cascade,  # the fitted controller (train_policy.py --controller cascade saves it)
         "flops_penalty": penalty,
         "tau": cascade.tau,
-        "setting": str(grid.setting(cascade.setting)),
+        "setting": str(train.grid.setting(cascade.setting)),
         "train_accuracy": train_acc,
         "train_mean_flops": train_flops,
-        "accuracy": float(ok.mean()),
-        "mean_flops": float(spent.mean()),
-        "stopped_at_probe": float((test.confidence[(slice(None), *cascade.probe)] >= cascade.tau).mean()),
-        "outcome": ok,  # per test sample: correct (for McNemar against a controller)
-        "actions": cascade.table_actions(test),  # per test sample: the setting it ran
+        "accuracy": metrics["accuracy"],
+        "mean_flops": metrics["mean_flops"],
+        "stopped_at_probe": float((actions == np.array(cascade.probe)).all(1).mean()),
+        "outcome": test.correct[(np.arange(len(test)), *actions.T)],  # per test sample (McNemar against a controller)
+        "actions": actions,  # per test sample: the setting it ran
+        "metrics": metrics,
     }

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 import yaml
 
 from backbone.data import DataError
-from backbone.fileio import atomic_write, write_json
+from backbone.fileio import write_json_and_markdown
 from envs import get_observation, make_vec_env
 from policy.config import DEFAULT_POLICY_CONFIG, build_policy_config, check_penalties
 from policy.controller import actor_flops
@@ -109,7 +108,7 @@ def _summary(name: str, correct: np.ndarray, mean_flops: float, full: int, penal
     return {"variant": name, "accuracy": acc, "mean_flops": mean_flops, "reward": acc - penalty * mean_flops / full}
 
 
-def write_markdown(result: dict[str, Any], path: Path) -> None:
+def format_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Recipe cross-validation on `{result['split']}` ({result['samples']} images, {result['folds']} folds)",
         "",
@@ -126,8 +125,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             f"| {r['variant']} | {r['accuracy']:.2%} | {r['mean_flops'] / 1e6:.2f} | {r['reward']:.4f} | "
             f"{format_p(r.get('vs_first_p_value'))} | {r.get('seconds', 0):.0f} |"
         )
-    text = "\n".join(lines) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,12 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "recipe_cv.json", result, indent=1)
-    write_markdown(result, out / "recipe_cv.md")
-    print((out / "recipe_cv.md").read_text())
-    print(f"wrote {out / 'recipe_cv.json'}, {out / 'recipe_cv.md'}")
+    markdown = format_markdown(result)
+    print(markdown)
+    print("wrote " + ", ".join(map(str, write_json_and_markdown(args.out, "recipe_cv", result, markdown))))
     return 0
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbone.data import DataError
-from backbone.fileio import atomic_write, write_json
+from backbone.fileio import write_json_and_markdown
 from envs import get_observation
 from policy.config import DEFAULT_POLICY_CONFIG, build_policy_config, check_penalties
 from policy.controller import mlp_actor_flops
@@ -157,7 +157,7 @@ def _ppo_rows(path: str) -> list[dict]:
     return [c for c in controllers if c["seed"] == 0]
 
 
-def write_markdown(result: dict[str, Any], path: Path) -> None:
+def format_markdown(result: dict[str, Any]) -> str:
     ppo = {(c["controller"], c["flops_penalty"]): c for c in result["ppo"]}
     fit = result["fit"]
     runs = "; ".join(f"seed {r['seed']}: best epoch {r['best_epoch']} of {r['epochs']}, held-out BCE "
@@ -194,7 +194,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         + ("no row is within 0.1 points." if not iso else "; ".join(
                   f"penalty {r['flops_penalty']:g} seed {r['seed']}: {r['accuracy']:.2%} at "
                   f"{r['mean_flops'] / 1e6:.2f} MFLOPs, {_versus(r)}" for r in iso) + ".")]  # fmt: skip
-    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    return "\n".join(lines) + "\n"
 
 
 def _versus(row: dict) -> str:
@@ -234,12 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "reference.json", result, indent=1)
-    write_markdown(result, out / "reference.md")
-    print((out / "reference.md").read_text())
-    print(f"wrote {out / 'reference.json'}, {out / 'reference.md'}")
+    markdown = format_markdown(result)
+    print(markdown)
+    print("wrote " + ", ".join(map(str, write_json_and_markdown(args.out, "reference", result, markdown))))
     return 0
 
 

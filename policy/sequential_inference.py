@@ -96,8 +96,10 @@ class SequentialClassifier:
                     z = model.forward_block_grouped_unchecked(read, 0, width_groups(at_depth1.width[fresh], hidden))
                     parts.setdefault(g, []).append((fresh, z, model.forward_head(z)))
         # one group per token count, every stage and width together: (rows, latents, logits, widths)
-        groups = [(np.concatenate([p[0] for p in ps]), torch.cat([p[1] for p in ps]), torch.cat([p[2] for p in ps]),
-                   at_depth1.width[np.concatenate([p[0] for p in ps])]) for ps in parts.values()]  # fmt: skip
+        groups = []
+        for ps in parts.values():
+            rows = np.concatenate([p[0] for p in ps])
+            groups.append((rows, torch.cat([p[1] for p in ps]), torch.cat([p[2] for p in ps]), at_depth1.width[rows]))
         logits = memory.tokens.new_empty(n, model.cfg.num_classes)
         depth = self._exit_steps(groups, base, choice, logits)
         actions = np.stack(steps.setting_index(choice, depth), axis=1)

@@ -25,10 +25,10 @@ from backbone.fileio import write_json
 from backbone.settings_io import dump_yaml
 from envs import OutcomeTable, SequentialSteps, get_observation, load_or_build, make_vec_env
 from policy.cascade import OBSERVATION as CASCADE_OBSERVATION
-from policy.cascade import fit_cascade, save_cascade
+from policy.cascade import save_cascade
 from policy.config import PolicyConfig
 from policy.controller import actor_flops, choose_actions, load_ppo, mlp_actor_flops, save_ppo_atomic
-from policy.evaluation import evaluate_actions, setting_prices
+from policy.evaluation import choose_cascade, evaluate_actions, setting_prices
 from policy.run_folder import PROGRESS, TIMING, ResumableCSV, Timing
 from policy.sequential_rollout import rollout
 from policy.sidecar import (
@@ -262,13 +262,13 @@ def _run_identity(cfg: PolicyConfig, model) -> dict[str, Any]:
 
 def _fit_cascade_run(cfg: PolicyConfig, out: Path, model, train_table: OutcomeTable, eval_table: OutcomeTable,
                      t_tables: float, t0: float) -> tuple[Path, dict]:  # fmt: skip
-    """``--controller cascade``: fit (tau, X) on policy-train, write the run folder, score it on ``eval_table``."""
-    cascade, train_acc, train_flops = fit_cascade(model, train_table, cfg.flops_penalty)
+    """``--controller cascade``: fit (tau, X) on policy-train, write the run folder, score it on ``eval_table``
+    (:func:`policy.evaluation.choose_cascade`, what the ablation does for every penalty)."""
+    chosen = choose_cascade(model, train_table, eval_table, cfg.flops_penalty)
     spec = get_observation(CASCADE_OBSERVATION)
     controller_flops = spec.flops(model)  # the probe and its statistics; the comparison with tau counts 0
-    grid = model.grid
     out.mkdir(parents=True, exist_ok=True)
-    save_cascade(cascade, out / CASCADE_JSON)
+    save_cascade(chosen["cascade"], out / CASCADE_JSON)
     write_sidecar(out / SIDECAR, {
         **_run_identity(cfg, model),
         "observation": CASCADE_OBSERVATION,
@@ -277,14 +277,12 @@ def _fit_cascade_run(cfg: PolicyConfig, out: Path, model, train_table: OutcomeTa
         "obs_flops": controller_flops,
         "actor_flops": 0,
         "controller_flops": controller_flops,
-        "train_accuracy": train_acc,
-        "train_mean_flops": train_flops,
+        "train_accuracy": chosen["train_accuracy"],
+        "train_mean_flops": chosen["train_mean_flops"],
     })  # fmt: skip
     dump_yaml(cfg, out / "config.yaml")
-    priced, reused = setting_prices(model, spec)
-    metrics = evaluate_actions(eval_table, cascade.table_actions(eval_table), controller_flops, reused, priced)
     metrics = {"split": cfg.eval_split, "controller": "cascade", "flops_penalty": cfg.flops_penalty, "seed": cfg.seed,
-               "tau": cascade.tau, "setting": str(grid.setting(cascade.setting)), **metrics}  # fmt: skip
+               "tau": chosen["tau"], "setting": chosen["setting"], **chosen["metrics"]}  # fmt: skip
     write_json(out / "eval.json", metrics)
     now = time.perf_counter()
     Timing(out / TIMING, resume=False).write({"tables_s": t_tables, "fit_s": now - t0 - t_tables, "total_s": now - t0})

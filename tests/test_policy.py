@@ -548,7 +548,7 @@ def test_cascade_run_is_the_best_cascade_on_policy_train(work, cascade_run: Path
     assert all(reward(tau, s) <= best + 1e-12 for tau in CASCADE_TAUS for s in np.ndindex(model.grid.shape))
 
 
-def test_cascade_eval_equals_running_it(cascade_run: Path, images: torch.Tensor) -> None:
+def test_cascade_eval_equals_running_it(work, cascade_run: Path, images: torch.Tensor) -> None:
     """eval.json (from the test table) equals compute-saving inference of the loaded run on the same 200 images;
     each image runs at the probe when the probe's top-1 probability >= tau, else at X, and its logits equal the
     image run alone at that setting."""
@@ -563,10 +563,49 @@ def test_cascade_eval_equals_running_it(cascade_run: Path, images: torch.Tensor)
     want = np.where((top1 >= cascade.tau)[:, None], [cascade.probe], [cascade.setting])
     np.testing.assert_array_equal(pred.actions, want)
     assert {str(s) for s in pred.settings} <= {ev["setting"], str(model.grid.smallest)}
+    # the tiny model's probe is never sure enough to stop: split the images with a threshold between two of its
+    # live confidences, and the table's rule (what eval.json and the ablation score) still picks what predict runs
+    from policy.cascade import ProbeCascade
+
+    ranked = np.sort(top1)
+    split = ProbeCascade(float(ranked[99] + ranked[100]) / 2, cascade.setting, cascade.probe)
+    table = load_or_build(model, "test", dataset=data, cache_dir=work["cache"], progress=False)
+    live = AdaptiveClassifier(model, split, "probe").predict(data.as_float())
+    assert 0 < (live.actions == np.array(cascade.probe)).all(1).sum() < 200
+    np.testing.assert_array_equal(split.table_actions(table), live.actions)
     small = clf.predict(images)
     for i in range(len(images)):
         g, d, w, _ = small.settings[i]
         torch.testing.assert_close(small.logits[i : i + 1], model(images[i : i + 1], g, d, w), atol=1e-5, rtol=1e-5)
+
+
+def test_choose_cascade_fits_on_policy_train_and_scores_on_test(work) -> None:
+    """With a probe that is sure exactly when it is right (the tiny model never is: its confidences are planted
+    here), the chosen cascade splits the images; its test figures are those of its (tau, X) run image by image on
+    the test table, and its actions are the threshold rule on the test table's probe confidence."""
+    import dataclasses
+
+    from policy.baselines import cascade_outcome
+    from policy.evaluation import choose_cascade
+
+    model = load_backbone(work["backbone"])
+    tables = []
+    for split, n in (("policy-train", 300), ("test", 200)):
+        t = load_or_build(model, split, dataset=load_split(split).subset(n), cache_dir=work["cache"], progress=False)
+        probe_right = t.correct[(slice(None), 0, 0, 0)]
+        confidence = t.confidence.copy()
+        confidence[:, 0, 0, 0] = np.where(probe_right, 0.97, 0.6)
+        tables.append(dataclasses.replace(t, confidence=confidence))
+    train, test = tables
+    c = choose_cascade(model, train, test, 0.3)
+    spec = get_observation("probe")
+    assert 0.6 < c["tau"] <= 0.97 and 0 < c["stopped_at_probe"] < 1
+    x = model.grid.index(Setting(*_parse(c["setting"])))
+    ok, cost = cascade_outcome(test.correct, test.confidence, model.grid.flops, spec.reused_flops(model),
+                               spec.flops(model), c["tau"], x, (0, 0, 0))  # fmt: skip
+    assert c["accuracy"] == pytest.approx(ok.mean()) and c["mean_flops"] == pytest.approx(cost.mean())
+    np.testing.assert_array_equal(c["outcome"], ok)
+    assert c["stopped_at_probe"] == pytest.approx((test.confidence[:, 0, 0, 0] >= c["tau"]).mean())
 
 
 def test_cascade_refuses_what_it_cannot_use(work, cascade_run: Path, tmp_path) -> None:
