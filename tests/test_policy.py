@@ -442,6 +442,22 @@ def test_compiled_front_and_full_setting_equal_eager(run: Path, tmp_path) -> Non
     assert result["bound_eager"] == pytest.approx(result["full_eager_us"] / result["front_eager_us"])
 
 
+def test_stem_layout_benchmark_times_both_layouts_with_equal_labels(run: Path, tmp_path) -> None:
+    """benchmarks.stem_layout: the run's predict with channels-last and NCHW weights agrees; the figures are the
+    medians of the runs it records."""
+    path = tmp_path / "layout.json"
+    r = _cli("-m", "benchmarks.stem_layout", "--policy", str(run), "--images", "16", "--batch-size", "8",
+             "--repeats", "3", "--json", str(path))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(path.read_text())
+    assert result["same_labels"] and result["max_abs_logit_diff"] < 1e-4
+    runs = result["img_s_runs"]
+    assert set(runs) == {"predict_channels_last", "predict_nchw", "full_channels_last", "full_nchw"}
+    assert all(len(v) == 3 and min(v) > 0 for v in runs.values())
+    ratios = [a / b for a, b in zip(runs["predict_channels_last"], runs["predict_nchw"], strict=True)]
+    assert result["predict_speedup"] == pytest.approx(statistics.median(ratios))
+
+
 def test_missing_run_folder_is_named(tmp_path) -> None:
     r = _cli("-m", "policy.benchmark", "--policy", str(tmp_path / "nope"))
     assert r.returncode != 0

@@ -19,10 +19,14 @@ class PatchContext(nn.Module):
         super().__init__()
         self.grid_size = grid_size
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.conv.to(memory_format=torch.channels_last)  # matches its input's layout (forward): oneDNN's NHWC path
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         b, _, d = tokens.shape
         # fp32 under CPU bf16 autocast, like the conv stem: oneDNN's bf16 convolutions are slow without native bf16
         with torch.autocast("cpu", enabled=False):
-            grid = tokens.to(self.conv.weight.dtype).transpose(1, 2).reshape(b, d, self.grid_size, self.grid_size)
-            return tokens + self.conv(grid).flatten(2).transpose(1, 2)
+            # (B, P, D) is the channels-last layout of the (B, D, g, g) grid: a view, no copy, and the depthwise
+            # convolution's output read back as (B, P, D) is contiguous
+            g = self.grid_size
+            grid = tokens.to(self.conv.weight.dtype).reshape(b, g, g, d).permute(0, 3, 1, 2)
+            return tokens + self.conv(grid).permute(0, 2, 3, 1).reshape(b, g * g, d)
