@@ -56,9 +56,9 @@ class ConvStem(nn.Module):
                 side = -(-side // stride)
             self.exits.append(nn.Sequential(nn.AvgPool2d(side // grid), nn.Conv2d(stem_dims[e - 1], out_dim, 1)))
         self.stages = (*self.exit_convs, len(stem_dims))  # convs run at each stage, shallowest first
-        # channels-last weights put oneDNN on its NHWC kernels: the 3x3 convolution from one input channel runs
-        # about 10x faster there than in NCHW (0.6 against 6.5 ms for 256 images, one thread), the cascade's
-        # predict about 9% (benchmarks.stem_layout); the checkpoint stores them contiguous as always
+        # channels-last weights put oneDNN on its NHWC kernels, which run these small convolutions (one input
+        # channel first) faster: adaptive predict gains 6-10% at batch 256 (python -m benchmarks.stem_layout);
+        # checkpoints store the weights contiguous as always
         self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
