@@ -77,6 +77,7 @@ results: install
 	$(PY) train_policy.py --controller cascade --flops-penalty 0.3 --seed 0 --out $(RESULTS)/cascade_p0.3 --no-progress
 	for i in 1 2 3; do $(PY) -m policy.benchmark --policy $(RESULTS)/cascade_p0.3 --json $(RESULTS)/bench_cascade_p0.3/run$$i.json; done
 	for b in 256 1; do $(PY) -m benchmarks.profile_adaptive --policy $(RESULTS)/cascade_p0.3 --batch-size $$b --out $(RESULTS)/profile/cascade_batch$$b.txt; done
+	for r in demo_p0.3 cascade_p0.3; do $(PY) -m benchmarks.stem_layout --policy $(RESULTS)/$$r --json $(RESULTS)/stem_layout/$$r.json; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info
