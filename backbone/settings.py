@@ -108,8 +108,17 @@ class SettingsGrid:
         return Setting(self.tokens[k], self.depths[d], self.widths[m], stage)
 
     def settings(self, indices: np.ndarray) -> list[Setting]:
-        """Settings of a batch of indices ``(B, ndim)``."""
-        return [self.setting(i) for i in np.asarray(indices).reshape(-1, self.ndim).tolist()]
+        """Settings of a batch of indices ``(B, ndim)``, checked like :meth:`setting` but in one numpy pass (a
+        per-row :meth:`setting` cost 2 us an image, 3-4% of adaptive inference at batch 256)."""
+        rows = np.asarray(indices).reshape(-1, self.ndim)
+        if rows.dtype.kind not in "iu":
+            rows = np.array([self.check_index(r) for r in rows.tolist()], dtype=np.int64).reshape(-1, self.ndim)
+        bad = ((rows < 0) | (rows >= np.asarray(self.shape))).any(axis=1)
+        if bad.any():
+            self.check_index(rows[int(bad.argmax())])  # raises the one-row error for the first bad row
+        v = self.values(rows)
+        stages = v.stage.tolist() if v.stage is not None else [None] * len(rows)
+        return list(map(Setting, v.tokens.tolist(), v.depth.tolist(), v.width.tolist(), stages))
 
     def values(self, indices: np.ndarray) -> Setting:
         """Vectorised :meth:`setting`: a Setting of ``(B,)`` arrays (``stage`` None without stem exits)."""

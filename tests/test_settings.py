@@ -46,6 +46,20 @@ def test_index_outside_the_grid_is_refused(grid: SettingsGrid, index) -> None:
         grid.setting(index)
 
 
+def test_batch_of_settings_equals_each_row_and_refuses_a_bad_row(grid: SettingsGrid) -> None:
+    """``settings`` (one numpy pass) gives what ``setting`` gives row by row, as Python ints, with stages too."""
+    rows = np.array(list(grid.indices()))
+    assert grid.settings(rows) == [grid.setting(r) for r in rows]
+    assert all(type(v) is int for s in grid.settings(rows) for v in s[:3])
+    staged = create_model("adaperceiver_test_stages").grid
+    rows = np.array(list(staged.indices()))[::-7]
+    assert staged.settings(rows) == [staged.setting(r) for r in rows] and staged.settings(rows)[0].stage is not None
+    assert grid.settings(np.zeros((0, 3), dtype=np.int64)) == []
+    for bad, shown in (([[0, 0, 0], [0, 3, 0]], r"\[0, 3, 0\]"), ([[0, 0, 0], [0, 0, -1]], r"\[0, 0, -1\]")):
+        with pytest.raises(ValueError, match=rf"index {shown} is outside the 3 x 3 x 3 settings grid"):
+            grid.settings(np.array(bad))
+
+
 def test_unknown_setting_names_the_valid_values(grid: SettingsGrid) -> None:
     with pytest.raises(ValueError, match=r"tokens=5 is not in the settings grid; choose one of \[2, 4, 8\]"):
         grid.index((5, 1, 8))
