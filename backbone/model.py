@@ -251,7 +251,10 @@ class AdaPerceiver(nn.Module):
         return self._memory(unsorted, None, None)
 
     def _memory(self, tokens: torch.Tensor, features: torch.Tensor | None, stage: int | None) -> PatchMemory:
-        tokens = self.patch_context(tokens) + self.pos_embed
+        if self.cfg.patch_context_kernel:  # the patch context returns a new tensor: add the position embedding in place
+            tokens = self.patch_context(tokens).add_(self.pos_embed)
+        else:
+            tokens = tokens + self.pos_embed
         if self.cfg.embed_mlp:
             tokens = self.embed_mlp(tokens)
         return PatchMemory(tokens, features, stage)

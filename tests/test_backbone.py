@@ -17,6 +17,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+import torch.nn.functional as F
 
 from backbone import (
     MODEL_NAMES,
@@ -323,6 +324,26 @@ def test_patch_context_mixes_only_neighbouring_patches() -> None:
         ctx.conv.weight.zero_()
         ctx.conv.bias.zero_()
     torch.testing.assert_close(ctx(tokens), tokens)  # a zero convolution leaves the tokens as they are
+
+
+def test_patch_context_equals_the_nchw_formula_with_gradients_and_leaves_its_input_alone() -> None:
+    """The channels-last view and the in-place residual are layout tricks only: output and gradients equal
+    ``tokens + depthwise_conv(grid)`` computed on an explicit NCHW grid, and the input tokens are not modified."""
+    torch.manual_seed(0)
+    ctx = PatchContext(dim=8, grid_size=5, kernel_size=3)
+    tokens = torch.randn(3, 25, 8, requires_grad=True)
+    before = tokens.detach().clone()
+    out = ctx(tokens)
+    assert torch.equal(tokens.detach(), before)
+    grid = tokens.transpose(1, 2).reshape(3, 8, 5, 5).contiguous()
+    weight = ctx.conv.weight.contiguous()
+    ref = tokens + F.conv2d(grid, weight, ctx.conv.bias, padding=1, groups=8).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    upstream = torch.randn_like(out)
+    got = torch.autograd.grad(out, (tokens, ctx.conv.weight), upstream)
+    want = torch.autograd.grad(ref, (tokens, ctx.conv.weight), upstream)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
 
 
 def test_patch_context_runs_in_fp32_under_bf16_autocast() -> None:

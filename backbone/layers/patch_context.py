@@ -26,7 +26,8 @@ class PatchContext(nn.Module):
         # fp32 under CPU bf16 autocast, like the conv stem: oneDNN's bf16 convolutions are slow without native bf16
         with torch.autocast("cpu", enabled=False):
             # (B, P, D) is the channels-last layout of the (B, D, g, g) grid: a view, no copy, and the depthwise
-            # convolution's output read back as (B, P, D) is contiguous
+            # convolution's output read back as (B, P, D) is contiguous; the residual is added into that new tensor
+            # (autograd does not need a convolution's output), which saves a (B, P, D) allocation per call
             g = self.grid_size
             grid = tokens.to(self.conv.weight.dtype).reshape(b, g, g, d).permute(0, 3, 1, 2)
-            return tokens + self.conv(grid).permute(0, 2, 3, 1).reshape(b, g * g, d)
+            return self.conv(grid).permute(0, 2, 3, 1).reshape(b, g * g, d).add_(tokens)
