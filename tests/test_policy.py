@@ -13,6 +13,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -440,6 +441,32 @@ def test_compiled_front_and_full_setting_equal_eager(run: Path, tmp_path) -> Non
     result = json.loads(path.read_text())
     assert result["full_max_abs_diff"] < 1e-4 and result["front_max_abs_diff"] < 1e-4
     assert result["bound_eager"] == pytest.approx(result["full_eager_us"] / result["front_eager_us"])
+
+
+def test_profile_phases_time_predict_without_changing_it_and_put_the_functions_back(run: Path) -> None:
+    """benchmarks.profile_adaptive's wall-clock phases: predict gives the same answer while timed, every phase it
+    runs is timed and none exceeds the whole, and the wrapped functions are the originals again afterwards."""
+    from benchmarks.profile_adaptive import phase_table, timed_phases
+    from envs import observations
+
+    clf = AdaptiveClassifier.load(run)
+    images = load_split("test").subset(24).as_float()
+    plain = clf.predict(images)
+    originals = (observations.run_probe, observations.observe_embed)
+    with timed_phases(clf) as seconds:
+        t0 = time.perf_counter()
+        timed = clf.predict(images)
+        total = time.perf_counter() - t0
+    assert torch.equal(timed.logits, plain.logits) and np.array_equal(timed.actions, plain.actions)
+    assert {"stage-0 embedding", "probe (read, block, write-out)", "controller", "reads (the probe's included)",
+            "write-outs (the probe's included)"} <= set(seconds)  # fmt: skip
+    assert all(0 < v <= total for v in seconds.values())
+    assert (observations.run_probe, observations.observe_embed) == originals
+    assert not {"choose", "_run_blocks"} & set(vars(clf)) and not {"continue_embed", "read_latents"} & set(
+        vars(clf.backbone)
+    )
+    table = phase_table(clf, images, batch=8, repeats=1)
+    assert table.splitlines()[-1].startswith("| predict | 100% |") and "| controller |" in table
 
 
 def test_stem_layout_benchmark_times_both_layouts_with_equal_labels(run: Path, tmp_path) -> None:
