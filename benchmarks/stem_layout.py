@@ -21,9 +21,8 @@ from backbone.data import DataError
 from backbone.data_source import resolve_data
 from backbone.fileio import write_json
 from backbone.interrupt import exits_cleanly_on_ctrl_c
-from benchmarks.timing import cpu_description
+from benchmarks.timing import cpu_description, images_per_second
 from policy.adaptive import AdaptiveClassifier
-from policy.benchmark import _throughput
 from policy.sidecar import resolve_run
 
 
@@ -43,10 +42,10 @@ def compare_layouts(policy: str, images: torch.Tensor, batch: int, repeats: int)
     }
     runs: dict[str, list[float]] = {name: [] for name in paths}
     for fn in paths.values():  # warm-up: oneDNN primitives, allocator
-        _throughput(fn, images[: 2 * batch], batch)
+        images_per_second(fn, images[: 2 * batch], batch)
     for r in range(repeats):
         for name, fn in list(paths.items())[:: 1 if r % 2 == 0 else -1]:
-            runs[name].append(_throughput(fn, images, batch))
+            runs[name].append(images_per_second(fn, images, batch))
 
     def paired(fast: str, slow: str) -> float:
         return statistics.median(f / s for f, s in zip(runs[fast], runs[slow], strict=True))

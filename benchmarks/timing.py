@@ -22,6 +22,16 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
+def images_per_second(fn: Callable[[torch.Tensor], object], images: torch.Tensor, batch: int) -> float:
+    """images/s of one timed pass of ``fn`` over ``images`` in batches of ``batch`` (under inference mode)."""
+    batches = [images[s : s + batch] for s in range(0, len(images), batch)]
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for b in batches:
+            fn(b)
+        return len(images) / (time.perf_counter() - t0)
+
+
 def matmul_gflops(n: int, repeats: int) -> float:
     """fp32 GFLOP/s of an ``n x n @ n x n`` matmul (2 n^3 FLOPs): the yardstick the model's rate is compared to."""
     a, b = torch.randn(n, n), torch.randn(n, n)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,21 +25,11 @@ from backbone.data import DataError
 from backbone.data_source import resolve_data
 from backbone.fileio import write_json
 from backbone.interrupt import exits_cleanly_on_ctrl_c
-from benchmarks.timing import cpu_description, matmul_gflops
+from benchmarks.timing import cpu_description, images_per_second, matmul_gflops
 from policy.adaptive import AdaptiveClassifier
 from policy.load_run import load_classifier
 from policy.sequential_inference import SequentialClassifier
 from policy.sidecar import resolve_run
-
-
-def _throughput(fn: Callable[[torch.Tensor], object], images: torch.Tensor, batch: int) -> float:
-    """images/s of one timed pass of ``fn`` over ``images`` in batches of ``batch``."""
-    batches = [images[s : s + batch] for s in range(0, len(images), batch)]
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        for b in batches:
-            fn(b)
-        return len(images) / (time.perf_counter() - t0)
 
 
 def benchmark(
@@ -59,10 +47,10 @@ def benchmark(
         full, adaptive, front = [], [], []
         pair = [(full, clf.backbone), (adaptive, clf.predict), (front, clf.front)]
         for _, fn in pair:  # warm-up pass each (allocator, kernels), not timed
-            _throughput(fn, images[: max(batch, len(images) // 4)], batch)
+            images_per_second(fn, images[: max(batch, len(images) // 4)], batch)
         for r in range(repeats):
             for runs, fn in pair if r % 2 == 0 else pair[::-1]:
-                runs.append(_throughput(fn, images, batch))
+                runs.append(images_per_second(fn, images, batch))
         speedups = [a / f for a, f in zip(adaptive, full, strict=True)]
         speedup, ratio = statistics.median(speedups), full_flops / adaptive_flops
         bound = statistics.median([c / f for c, f in zip(front, full, strict=True)])
