@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: the usual search)")
     parser.add_argument("--out", help="also write the report to this text file")
     args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.images < 0 or args.rows < 1:
+        print("error: --batch-size and --rows must be >= 1 and --images >= 0", file=sys.stderr)
+        return 2
     reuse_freed_memory()  # as the inference commands do
     try:
         clf = AdaptiveClassifier.load(args.policy)

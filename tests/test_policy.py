@@ -485,6 +485,15 @@ def test_stem_layout_benchmark_times_both_layouts_with_equal_labels(run: Path, t
     assert result["predict_speedup"] == pytest.approx(statistics.median(ratios))
 
 
+@pytest.mark.parametrize(
+    ("module", "flag"),
+    [("benchmarks.stem_layout", "--repeats"), ("benchmarks.profile_adaptive", "--batch-size")],
+)
+def test_benchmark_commands_refuse_a_zero_count_in_one_line(module: str, flag: str) -> None:
+    r = _cli("-m", module, flag, "0")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_missing_run_folder_is_named(tmp_path) -> None:
     r = _cli("-m", "policy.benchmark", "--policy", str(tmp_path / "nope"))
     assert r.returncode != 0
