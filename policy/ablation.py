@@ -41,6 +41,7 @@ from policy.evaluation import (
     evaluate_actions,
     format_p,
     iso_accuracy,
+    iso_check,
     mcnemar_p,
     setting_prices,
     validation_selected,
@@ -115,6 +116,9 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
     cascades = {p: choose_cascade(model, train, table, p) for p in penalties}
     for c in cascades.values():  # the cascade controller (train_policy.py --controller cascade) against the baselines
         c.update(baselines_at(table, c["metrics"], c["actions"], val_acc, early_front, args.seed))
+    # aimed at issue 20's iso-accuracy point: the cheapest cascade within --iso-drop of the full setting on
+    # policy-train, chosen before test is looked at, then checked there like every controller
+    iso_cascade = choose_cascade(model, train, table, 0.0, accuracy_drop=args.iso_drop / 100)
     controllers = []
     for kind in args.controllers:
         for p in penalties:
@@ -139,6 +143,7 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
         "controllers": controllers,
         "headline": headline(controllers, args.headline_penalty),
         "iso_accuracy": iso_accuracy(controllers, fixed),
+        "iso_cascade": _json_row(iso_cascade) | iso_check(iso_cascade, fixed),
     }
 
 
@@ -352,6 +357,19 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             )
     else:
         lines.append("None of the controllers is within 0.1 points of the full setting.")
+    if "iso_cascade" in result:
+        c, full = result["iso_cascade"], max(result["fixed"], key=lambda r: r["flops"])
+        sv = c["saving_vs_cheapest_fixed_as_accurate"]
+        verdict = "**met**" if c["meets_iso_accuracy"] else "**not met**"
+        lines += [
+            "",
+            f"The probe cascade aimed at that point: the cheapest (tau, X) within {100 * c['accuracy_drop']:g} points "
+            f"of the full setting on policy-train (tau {c['tau']:g}, X {c['setting']}: {c['train_accuracy']:.2%} at "
+            f"{fmt(c['train_mean_flops'])} MFLOPs there) gets {c['accuracy']:.2%} at {fmt(c['mean_flops'])} MFLOPs "
+            f"here, {100 * c['gap_to_full']:.2f} points under the full setting's {full['accuracy']:.2%}, "
+            f"{c['saving_vs_full']:.1%} fewer FLOPs than it and {'n/a' if sv is None else format(sv, '.1%')} fewer "
+            f"than the cheapest fixed setting as accurate ({c['cheapest_fixed_as_accurate']}): iso-accuracy {verdict}.",
+        ]
     lines += ["", "## Confidence early exit: the envelope over every path", "", "| path | tau | accuracy | MFLOPs |",
               "|---|---:|---:|---:|"]  # fmt: skip
     lines += [f"| {e['path']} | {e['tau']:g} | {e['accuracy']:.2%} | {fmt(e['mean_flops'])} |"
@@ -477,6 +495,13 @@ def main(argv: list[str] | None = None) -> int:
         help="controller seeds at the headline penalty (the first one at every other penalty); e.g. 0 1 2",
     )
     parser.add_argument("--headline-penalty", type=float, default=0.3, help="penalty whose row gets every seed")
+    parser.add_argument(
+        "--iso-drop",
+        type=float,
+        default=0.05,
+        help="points of accuracy under the full setting (on policy-train) allowed to the probe cascade aimed at the "
+        "iso-accuracy point: the cheapest cascade within that much is fitted and checked on test (default 0.05)",
+    )
     parser.add_argument("--policies", nargs="*", help="existing run folders to use (their penalty is read from them)")
     parser.add_argument("--backbone", help="backbone .safetensors (default: the shipped checkpoint)")
     parser.add_argument("--config", default=str(DEFAULT_POLICY_CONFIG), help="PolicyConfig YAML for new controllers")
@@ -499,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_penalties(args.penalties)
+        if not 0 <= args.iso_drop < 100:
+            raise ValueError(f"--iso-drop is in accuracy points, 0 <= drop < 100; got {args.iso_drop}")
         t0 = time.perf_counter()
         result = run_ablation(args)
     except (ValueError, FileNotFoundError, DataError) as e:

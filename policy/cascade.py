@@ -73,19 +73,40 @@ class ProbeCascade:
         return cascade
 
 
-def fit_cascade(model, table, penalty: float) -> tuple[ProbeCascade, float, float]:
-    """The ``(tau, X)`` of highest mean reward on ``table`` (policy-train), with its accuracy and mean FLOPs there.
-
-    Priced like a controller: every image pays the "probe" observation; an image the probe answers also pays what
-    the probe does beyond the reused part, and one sent on pays X's FLOPs beyond it (``policy.baselines``).
-    """
+def _all_cascades(model, table) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """Accuracy and mean FLOPs on ``table`` of every ``(tau, X)``, shape ``(len(CASCADE_TAUS), *grid.shape)``, and
+    the probe's index. Priced like a controller: every image pays the "probe" observation; an image the probe answers
+    also pays what the probe does beyond the reused part, and one sent on pays X's FLOPs beyond it."""
     spec = get_observation(OBSERVATION)
     grid, reused, overhead = table.grid, spec.reused_flops(model), spec.flops(model)
-    probe = grid.index(probe_setting(model))
+    probe = tuple(int(i) for i in grid.index(probe_setting(model)))
     acc, cost = probe_cascade(table.correct, table.confidence, grid.flops, reused, overhead, CASCADE_TAUS, probe)
-    best = np.unravel_index(int((acc - penalty * cost / grid.full_flops).argmax()), acc.shape)
-    cascade = ProbeCascade(CASCADE_TAUS[best[0]], tuple(int(i) for i in best[1:]), tuple(int(i) for i in probe))
+    return acc, cost, probe
+
+
+def _cascade_at(best: tuple, acc: np.ndarray, cost: np.ndarray, probe) -> tuple[ProbeCascade, float, float]:
+    cascade = ProbeCascade(CASCADE_TAUS[best[0]], tuple(int(i) for i in best[1:]), probe)
     return cascade, float(acc[best]), float(cost[best])
+
+
+def fit_cascade(model, table, penalty: float) -> tuple[ProbeCascade, float, float]:
+    """The ``(tau, X)`` of highest mean reward on ``table`` (policy-train), with its accuracy and mean FLOPs there."""
+    acc, cost, probe = _all_cascades(model, table)
+    best = np.unravel_index(int((acc - penalty * cost / table.grid.full_flops).argmax()), acc.shape)
+    return _cascade_at(best, acc, cost, probe)
+
+
+def fit_cascade_to_accuracy(model, table, drop: float) -> tuple[ProbeCascade, float, float]:
+    """The cheapest ``(tau, X)`` on ``table`` (policy-train) whose accuracy there is at least the full setting's
+    minus ``drop`` (a fraction: 0.0005 = 0.05 points), with its accuracy and mean FLOPs there: the cascade aimed at
+    the iso-accuracy point instead of a penalty. ``tau`` = 1.01 with X = the full setting always qualifies."""
+    if not 0 <= drop < 1:
+        raise ValueError(f"the accuracy drop is a fraction in [0, 1), got {drop}")
+    acc, cost, probe = _all_cascades(model, table)
+    target = table.correct[(slice(None), *table.grid.full_index)].mean() - drop
+    allowed = np.where(acc >= target - 1e-12, cost, np.inf)  # 1e-12: the full setting's own accuracy, summed apart
+    best = np.unravel_index(int(allowed.argmin()), allowed.shape)
+    return _cascade_at(best, acc, cost, probe)
 
 
 def save_cascade(cascade: ProbeCascade, path: str | os.PathLike) -> None:

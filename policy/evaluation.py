@@ -11,7 +11,7 @@ from scipy.stats import binomtest
 from backbone.pareto import front_accuracy_at
 from backbone.settings import Setting
 from envs import get_observation
-from policy.cascade import OBSERVATION, fit_cascade
+from policy.cascade import OBSERVATION, fit_cascade, fit_cascade_to_accuracy
 
 
 def setting_prices(model, spec, steps=None) -> tuple[np.ndarray, np.ndarray]:
@@ -144,41 +144,53 @@ def validation_selected(table, val_acc: np.ndarray, actions: np.ndarray, budget:
     }
 
 
-def iso_accuracy(controllers: list[dict], fixed: list[dict]) -> list[dict]:
-    """Controllers within 0.1 points of the full setting: their saving vs full and vs the cheapest fixed setting at
-    least as accurate as the controller."""
+ISO_TOLERANCE = 0.001 + 1e-12  # issue 20's iso-accuracy point: within 0.1 points of the full setting (inclusive)
+
+
+def iso_check(row: dict, fixed: list[dict]) -> dict[str, Any]:
+    """How far a controller (``accuracy``, ``mean_flops``) is from issue 20's iso-accuracy point on the same split:
+    its gap to the full setting, its saving vs the full setting and vs the cheapest fixed setting at least as
+    accurate, and whether it meets all three (within 0.1 points; >= 50% and >= 25% fewer FLOPs)."""
     full = max(fixed, key=lambda r: r["flops"])
-    rows = []
-    for r in controllers:
-        if r["accuracy"] < full["accuracy"] - 0.001:
-            continue
-        as_good = [f for f in fixed if f["accuracy"] >= r["accuracy"]]
-        cheapest = min(as_good, key=lambda f: f["flops"]) if as_good else None
-        keys = ("controller", "flops_penalty", "seed", "accuracy", "mean_flops")
-        rows.append(
-            {k: r[k] for k in keys}
-            | {
-                "saving_vs_full": 1 - r["mean_flops"] / full["flops"],
-                "cheapest_fixed_as_accurate": None if cheapest is None else str(Setting.of_row(cheapest)),
-                "saving_vs_cheapest_fixed_as_accurate": None
-                if cheapest is None
-                else 1 - r["mean_flops"] / cheapest["flops"],
-            }
-        )
-    return rows
+    as_good = [f for f in fixed if f["accuracy"] >= row["accuracy"]]
+    cheapest = min(as_good, key=lambda f: f["flops"]) if as_good else None
+    vs_full = 1 - row["mean_flops"] / full["flops"]
+    vs_cheapest = None if cheapest is None else 1 - row["mean_flops"] / cheapest["flops"]
+    gap = full["accuracy"] - row["accuracy"]
+    return {
+        "gap_to_full": gap,
+        "saving_vs_full": vs_full,
+        "cheapest_fixed_as_accurate": None if cheapest is None else str(Setting.of_row(cheapest)),
+        "saving_vs_cheapest_fixed_as_accurate": vs_cheapest,
+        "meets_iso_accuracy": bool(
+            gap <= ISO_TOLERANCE and vs_full >= 0.5 and (vs_cheapest is None or vs_cheapest >= 0.25)
+        ),
+    }
 
 
-def choose_cascade(model, train, test, penalty: float) -> dict[str, Any]:
+def iso_accuracy(controllers: list[dict], fixed: list[dict]) -> list[dict]:
+    """Controllers within 0.1 points of the full setting, with :func:`iso_check`'s savings."""
+    keys = ("controller", "flops_penalty", "seed", "accuracy", "mean_flops")
+    checked = [({k: r[k] for k in keys}, iso_check(r, fixed)) for r in controllers]
+    return [row | check for row, check in checked if check["gap_to_full"] <= ISO_TOLERANCE]
+
+
+def choose_cascade(model, train, test, penalty: float, accuracy_drop: float | None = None) -> dict[str, Any]:
     """The probe cascade (threshold and second setting) of highest mean reward ``accuracy - penalty * FLOPs /
-    FLOPs(full)`` on ``train`` (policy-train, as a controller is chosen), scored on ``test`` as a controller is
-    (:func:`evaluate_actions`, whose figures ``metrics`` keeps for comparisons with the baselines)."""
-    cascade, train_acc, train_flops = fit_cascade(model, train, penalty)
+    FLOPs(full)`` on ``train`` (policy-train, as a controller is chosen), or with ``accuracy_drop`` the cheapest one
+    within that much of the full setting's accuracy there (:func:`policy.cascade.fit_cascade_to_accuracy`); scored on
+    ``test`` as a controller is (:func:`evaluate_actions`, whose figures ``metrics`` keeps for the baselines)."""
+    if accuracy_drop is None:
+        cascade, train_acc, train_flops = fit_cascade(model, train, penalty)
+    else:
+        cascade, train_acc, train_flops = fit_cascade_to_accuracy(model, train, accuracy_drop)
     spec = get_observation(OBSERVATION)
     actions = cascade.table_actions(test)
     metrics = evaluate_actions(test, actions, spec.flops(model), spec.reused_flops(model))
     return {
         "cascade": cascade,  # the fitted controller (train_policy.py --controller cascade saves it)
         "flops_penalty": penalty,
+        "accuracy_drop": accuracy_drop,  # None: fitted by the reward at flops_penalty
         "tau": cascade.tau,
         "setting": str(train.grid.setting(cascade.setting)),
         "train_accuracy": train_acc,

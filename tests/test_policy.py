@@ -401,12 +401,25 @@ def test_ablation_end_to_end(work, run: Path, tmp_path) -> None:
         assert c["front_accuracy_at_same_flops"] == max(cheaper)
         assert c["on_or_above_front"] == (c["accuracy"] >= max(cheaper)) and 0 <= c["vs_best_fixed_p_value"] <= 1
         assert c["validation_fixed_setting"] and 0 <= c["vs_validation_fixed_p_value"] <= 1
+    # the cascade aimed at the iso-accuracy point: the cheapest on policy-train within 0.05 points of the full setting
+    iso = result["iso_cascade"]
+    full_train = train.correct[(slice(None), *table.grid.full_index)].mean()
+    x = table.grid.index(Setting(*_parse(iso["setting"])))
+    assert iso["accuracy_drop"] == pytest.approx(0.0005) and iso["train_accuracy"] >= full_train - 0.0005 - 1e-12
+    assert (iso["train_accuracy"], iso["train_mean_flops"]) == pytest.approx(cascade(train, iso["tau"], x))
+    assert (iso["accuracy"], iso["mean_flops"]) == pytest.approx(cascade(table, iso["tau"], x))
+    for tau in (0.5, 0.9, 1.01):
+        for i in table.grid.indices():
+            a, f = cascade(train, tau, i)
+            assert not (a >= full_train - 0.0005 - 1e-12 and f < iso["train_mean_flops"] - 1e-6)
+    full_test = max(result["fixed"], key=lambda r: r["flops"])["accuracy"]
+    assert iso["gap_to_full"] == pytest.approx(full_test - iso["accuracy"])
     for ctrl in result["controllers"]:
         cascade = next(c for c in result["probe_cascade"] if c["flops_penalty"] == ctrl["flops_penalty"])
         assert (ctrl["cascade_accuracy"], ctrl["cascade_mean_flops"]) == (cascade["accuracy"], cascade["mean_flops"])
         assert 0 <= ctrl["vs_cascade_p_value"] <= 1
     md = (out / "ablation.md").read_text()
-    assert "## Controllers" in md and "Oracle" in md and "early exit" in md
+    assert "## Controllers" in md and "Oracle" in md and "early exit" in md and "aimed at that point" in md
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -486,11 +499,12 @@ def test_stem_layout_benchmark_times_both_layouts_with_equal_labels(run: Path, t
 
 
 @pytest.mark.parametrize(
-    ("module", "flag"),
-    [("benchmarks.stem_layout", "--repeats"), ("benchmarks.profile_adaptive", "--batch-size")],
-)
-def test_benchmark_commands_refuse_a_zero_count_in_one_line(module: str, flag: str) -> None:
-    r = _cli("-m", module, flag, "0")
+    ("module", "flag", "value"),
+    [("benchmarks.stem_layout", "--repeats", "0"), ("benchmarks.profile_adaptive", "--batch-size", "0"),
+     ("policy.ablation", "--iso-drop", "-1")],
+)  # fmt: skip
+def test_commands_refuse_a_bad_count_in_one_line(module: str, flag: str, value: str) -> None:
+    r = _cli("-m", module, flag, value)
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -658,6 +672,44 @@ def test_choose_cascade_fits_on_policy_train_and_scores_on_test(work) -> None:
     assert c["accuracy"] == pytest.approx(ok.mean()) and c["mean_flops"] == pytest.approx(cost.mean())
     np.testing.assert_array_equal(c["outcome"], ok)
     assert c["stopped_at_probe"] == pytest.approx((test.confidence[:, 0, 0, 0] >= c["tau"]).mean())
+
+
+def test_cascade_fitted_to_accuracy_is_the_cheapest_within_the_drop_and_is_checked_for_iso_accuracy(work) -> None:
+    """fit_cascade_to_accuracy: among every (tau, X), priced image by image (cascade_outcome), none cheaper reaches
+    the full setting's accuracy minus the drop, and the chosen one does; drop 0 can always fall back to the full
+    setting. iso_check's verdict follows its three conditions."""
+    import dataclasses
+
+    from policy.baselines import cascade_outcome
+    from policy.cascade import CASCADE_TAUS, fit_cascade_to_accuracy
+    from policy.evaluation import iso_check
+
+    model = load_backbone(work["backbone"])
+    t = load_or_build(model, "policy-train", dataset=load_split("policy-train").subset(300), cache_dir=work["cache"],
+                      progress=False)  # fmt: skip
+    confidence = t.confidence.copy()
+    confidence[:, 0, 0, 0] = np.where(t.correct[(slice(None), 0, 0, 0)], 0.97, 0.6)  # a probe that splits the images
+    t = dataclasses.replace(t, confidence=confidence)
+    spec, grid = get_observation("probe"), model.grid
+    full_acc = t.correct[(slice(None), *grid.full_index)].mean()
+    for drop in (0.0, 0.02):
+        cascade, acc, cost = fit_cascade_to_accuracy(model, t, drop)
+        ok, c = cascade_outcome(t.correct, t.confidence, grid.flops, spec.reused_flops(model), spec.flops(model),
+                                cascade.tau, cascade.setting, cascade.probe)  # fmt: skip
+        assert acc == pytest.approx(ok.mean()) and cost == pytest.approx(c.mean()) and acc >= full_acc - drop - 1e-12
+        for tau in CASCADE_TAUS[::5]:
+            for x in grid.indices():
+                ok, c = cascade_outcome(t.correct, t.confidence, grid.flops, spec.reused_flops(model),
+                                        spec.flops(model), tau, x, cascade.probe)  # fmt: skip
+                assert not (ok.mean() >= full_acc - drop - 1e-12 and c.mean() < cost - 1e-6), (drop, tau, x)
+    with pytest.raises(ValueError, match="fraction"):
+        fit_cascade_to_accuracy(model, t, -0.1)
+    fixed = [{"tokens": 2, "depth": 1, "width": 8, "flops": 10.0, "accuracy": 0.80},
+             {"tokens": 8, "depth": 3, "width": 32, "flops": 100.0, "accuracy": 0.90}]  # fmt: skip
+    assert iso_check({"accuracy": 0.8995, "mean_flops": 40.0}, fixed)["meets_iso_accuracy"]
+    assert not iso_check({"accuracy": 0.8985, "mean_flops": 40.0}, fixed)["meets_iso_accuracy"]  # 0.15 points under
+    assert not iso_check({"accuracy": 0.8995, "mean_flops": 80.0}, fixed)["meets_iso_accuracy"]  # 20% saving only
+    assert iso_check({"accuracy": 0.8995, "mean_flops": 40.0}, fixed)["cheapest_fixed_as_accurate"] == "8/3/32"
 
 
 def test_cascade_refuses_what_it_cannot_use(work, cascade_run: Path, tmp_path) -> None:
