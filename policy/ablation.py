@@ -143,7 +143,9 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
         "controllers": controllers,
         "headline": headline(controllers, args.headline_penalty),
         "iso_accuracy": iso_accuracy(controllers, fixed),
-        "iso_cascade": _json_row(iso_cascade) | iso_check(iso_cascade, fixed),
+        "iso_cascade": _json_row(iso_cascade)
+        | iso_check(iso_cascade, fixed)
+        | {"full_train_accuracy": float(val_acc[train.grid.full_index])},
     }
 
 
@@ -365,8 +367,9 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             "",
             f"The probe cascade aimed at that point: the cheapest (tau, X) within {100 * c['accuracy_drop']:g} points "
             f"of the full setting on policy-train (tau {c['tau']:g}, X {c['setting']}: {c['train_accuracy']:.2%} at "
-            f"{fmt(c['train_mean_flops'])} MFLOPs there) gets {c['accuracy']:.2%} at {fmt(c['mean_flops'])} MFLOPs "
-            f"here, {100 * c['gap_to_full']:.2f} points under the full setting's {full['accuracy']:.2%}, "
+            f"{fmt(c['train_mean_flops'])} MFLOPs there, the full setting {c['full_train_accuracy']:.2%}) gets "
+            f"{c['accuracy']:.2%} at {fmt(c['mean_flops'])} MFLOPs here, {100 * c['gap_to_full']:.2f} points under "
+            f"the full setting's {full['accuracy']:.2%}, "
             f"{c['saving_vs_full']:.1%} fewer FLOPs than it and {'n/a' if sv is None else format(sv, '.1%')} fewer "
             f"than the cheapest fixed setting as accurate ({c['cheapest_fixed_as_accurate']}): iso-accuracy {verdict}.",
         ]

@@ -405,7 +405,8 @@ def test_ablation_end_to_end(work, run: Path, tmp_path) -> None:
     iso = result["iso_cascade"]
     full_train = train.correct[(slice(None), *table.grid.full_index)].mean()
     x = table.grid.index(Setting(*_parse(iso["setting"])))
-    assert iso["accuracy_drop"] == pytest.approx(0.0005) and iso["train_accuracy"] >= full_train - 0.0005 - 1e-12
+    assert iso["accuracy_drop"] == pytest.approx(0.0005) and iso["full_train_accuracy"] == pytest.approx(full_train)
+    assert iso["train_accuracy"] >= full_train - 0.0005 - 1e-12
     assert (iso["train_accuracy"], iso["train_mean_flops"]) == pytest.approx(cascade(train, iso["tau"], x))
     assert (iso["accuracy"], iso["mean_flops"]) == pytest.approx(cascade(table, iso["tau"], x))
     for tau in (0.5, 0.9, 1.01):
