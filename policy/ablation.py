@@ -118,7 +118,7 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
         c.update(baselines_at(table, c["metrics"], c["actions"], val_acc, early_front, args.seed))
     # aimed at issue 20's iso-accuracy point: the cheapest cascade within --iso-drop of the full setting on
     # policy-train, chosen before test is looked at, then checked there like every controller
-    iso_cascade = choose_cascade(model, train, table, 0.0, accuracy_drop=args.iso_drop / 100)
+    iso_cascade = choose_cascade(model, train, table, accuracy_drop=args.iso_drop / 100)
     controllers = []
     for kind in args.controllers:
         for p in penalties:
@@ -311,7 +311,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             f"| {r['controller']} | {r['flops_penalty']:g} | {r['seed']} | {r['accuracy']:.2%} | "
             f"{fmt(r['mean_flops'])} | {1 - r['mean_flops'] / full['flops']:.1%} | {_baseline_cells(r)} | "
             f"{pct(r['cascade_accuracy'])} @ {fmt(r['cascade_mean_flops'])} | {format_p(r['vs_cascade_p_value'])} | "
-            f"{'n/a' if rand is None else format(rand['accuracy'], '.2%')} | {r['distinct_settings']} |"
+            f"{pct(None if rand is None else rand['accuracy'])} | {r['distinct_settings']} |"
         )
     o = result["oracle"]
     lines += [
@@ -344,7 +344,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             f"| {c['flops_penalty']:g} | {c['tau']:g} | {c['setting']} | {c['train_accuracy']:.2%} @ "
             f"{fmt(c['train_mean_flops'])} | {c['accuracy']:.2%} | {fmt(c['mean_flops'])} | "
             f"{c['stopped_at_probe']:.1%} | {_baseline_cells(c)} | "
-            f"{'n/a' if rand is None else format(rand['accuracy'], '.2%')} |"
+            f"{pct(None if rand is None else rand['accuracy'])} |"
         )
     lines += ["", "## Iso-accuracy: controllers within 0.1 points of the full setting", ""]
     if result["iso_accuracy"]:
@@ -360,7 +360,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     else:
         lines.append("None of the controllers is within 0.1 points of the full setting.")
     if "iso_cascade" in result:
-        c, full = result["iso_cascade"], max(result["fixed"], key=lambda r: r["flops"])
+        c = result["iso_cascade"]
         sv = c["saving_vs_cheapest_fixed_as_accurate"]
         verdict = "**met**" if c["meets_iso_accuracy"] else "**not met**"
         lines += [

@@ -175,11 +175,16 @@ def iso_accuracy(controllers: list[dict], fixed: list[dict]) -> list[dict]:
     return [row | check for row, check in checked if check["gap_to_full"] <= ISO_TOLERANCE]
 
 
-def choose_cascade(model, train, test, penalty: float, accuracy_drop: float | None = None) -> dict[str, Any]:
+def choose_cascade(
+    model, train, test, penalty: float | None = None, *, accuracy_drop: float | None = None
+) -> dict[str, Any]:
     """The probe cascade (threshold and second setting) of highest mean reward ``accuracy - penalty * FLOPs /
-    FLOPs(full)`` on ``train`` (policy-train, as a controller is chosen), or with ``accuracy_drop`` the cheapest one
-    within that much of the full setting's accuracy there (:func:`policy.cascade.fit_cascade_to_accuracy`); scored on
-    ``test`` as a controller is (:func:`evaluate_actions`, whose figures ``metrics`` keeps for the baselines)."""
+    FLOPs(full)`` on ``train`` (policy-train, as a controller is chosen), or instead, given ``accuracy_drop``, the
+    cheapest one within that much of the full setting's accuracy there (:func:`policy.cascade.fit_cascade_to_accuracy`);
+    scored on ``test`` as a controller is (:func:`evaluate_actions`, whose figures ``metrics`` keeps for the baselines).
+    """
+    if (penalty is None) == (accuracy_drop is None):
+        raise ValueError("fit the cascade by a FLOPs penalty or to an accuracy drop: give exactly one")
     if accuracy_drop is None:
         cascade, train_acc, train_flops = fit_cascade(model, train, penalty)
     else:
@@ -189,7 +194,7 @@ def choose_cascade(model, train, test, penalty: float, accuracy_drop: float | No
     metrics = evaluate_actions(test, actions, spec.flops(model), spec.reused_flops(model))
     return {
         "cascade": cascade,  # the fitted controller (train_policy.py --controller cascade saves it)
-        "flops_penalty": penalty,
+        "flops_penalty": penalty,  # None: fitted to accuracy_drop instead
         "accuracy_drop": accuracy_drop,  # None: fitted by the reward at flops_penalty
         "tau": cascade.tau,
         "setting": str(train.grid.setting(cascade.setting)),

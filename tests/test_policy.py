@@ -683,7 +683,7 @@ def test_cascade_fitted_to_accuracy_is_the_cheapest_within_the_drop_and_is_check
 
     from policy.baselines import cascade_outcome
     from policy.cascade import CASCADE_TAUS, fit_cascade_to_accuracy
-    from policy.evaluation import iso_check
+    from policy.evaluation import choose_cascade, iso_check
 
     model = load_backbone(work["backbone"])
     t = load_or_build(model, "policy-train", dataset=load_split("policy-train").subset(300), cache_dir=work["cache"],
@@ -705,12 +705,18 @@ def test_cascade_fitted_to_accuracy_is_the_cheapest_within_the_drop_and_is_check
                 assert not (ok.mean() >= full_acc - drop - 1e-12 and c.mean() < cost - 1e-6), (drop, tau, x)
     with pytest.raises(ValueError, match="fraction"):
         fit_cascade_to_accuracy(model, t, -0.1)
+    for kwargs in ({}, {"penalty": 0.3, "accuracy_drop": 0.0}):  # fitted by a penalty or to a drop, never both
+        with pytest.raises(ValueError, match="exactly one"):
+            choose_cascade(model, t, t, **kwargs)
     fixed = [{"tokens": 2, "depth": 1, "width": 8, "flops": 10.0, "accuracy": 0.80},
              {"tokens": 8, "depth": 3, "width": 32, "flops": 100.0, "accuracy": 0.90}]  # fmt: skip
     assert iso_check({"accuracy": 0.8995, "mean_flops": 40.0}, fixed)["meets_iso_accuracy"]
     assert not iso_check({"accuracy": 0.8985, "mean_flops": 40.0}, fixed)["meets_iso_accuracy"]  # 0.15 points under
     assert not iso_check({"accuracy": 0.8995, "mean_flops": 80.0}, fixed)["meets_iso_accuracy"]  # 20% saving only
     assert iso_check({"accuracy": 0.8995, "mean_flops": 40.0}, fixed)["cheapest_fixed_as_accurate"] == "8/3/32"
+    as_good = [*fixed, {"tokens": 4, "depth": 2, "width": 16, "flops": 50.0, "accuracy": 0.8996}]
+    near = iso_check({"accuracy": 0.8995, "mean_flops": 40.0}, as_good)  # 60% under full, only 20% under 4/2/16
+    assert near["cheapest_fixed_as_accurate"] == "4/2/16" and not near["meets_iso_accuracy"]
 
 
 def test_cascade_refuses_what_it_cannot_use(work, cascade_run: Path, tmp_path) -> None:
