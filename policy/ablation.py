@@ -43,6 +43,7 @@ from policy.evaluation import (
     iso_accuracy,
     iso_check,
     mcnemar_p,
+    paired_gap,
     setting_prices,
     validation_selected,
 )
@@ -145,8 +146,16 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
         "iso_accuracy": iso_accuracy(controllers, fixed),
         "iso_cascade": _json_row(iso_cascade)
         | iso_check(iso_cascade, fixed)
-        | {"full_train_accuracy": float(val_acc[train.grid.full_index])},
+        | {"full_train_accuracy": float(val_acc[train.grid.full_index])}
+        | {"paired_gap_to_full": paired_gap(table.correct[(slice(None), *grid.full_index)], iso_cascade["outcome"])},
     }
+
+
+def _gap_interval(cascade: dict[str, Any]) -> str:
+    """`` (95% paired interval a..b points, McNemar p = ...)``: whether the data rule "within 0.1 points" out."""
+    g = cascade["paired_gap_to_full"]
+    lo, hi = (100 * v for v in g["gap_ci95"])
+    return f" (95% paired interval {lo:.2f}..{hi:.2f} points, McNemar p = {format_p(g['mcnemar_p_vs_full'])})"
 
 
 def _json_row(cascade: dict[str, Any]) -> dict[str, Any]:
@@ -369,7 +378,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             f"of the full setting on policy-train (tau {c['tau']:g}, X {c['setting']}: {c['train_accuracy']:.2%} at "
             f"{fmt(c['train_mean_flops'])} MFLOPs there, the full setting {c['full_train_accuracy']:.2%}) gets "
             f"{c['accuracy']:.2%} at {fmt(c['mean_flops'])} MFLOPs here, {100 * c['gap_to_full']:.2f} points under "
-            f"the full setting's {full['accuracy']:.2%}, "
+            f"the full setting's {full['accuracy']:.2%}{_gap_interval(c)}, "
             f"{c['saving_vs_full']:.1%} fewer FLOPs than it and {'n/a' if sv is None else format(sv, '.1%')} fewer "
             f"than the cheapest fixed setting as accurate ({c['cheapest_fixed_as_accurate']}): iso-accuracy {verdict}.",
         ]

@@ -98,6 +98,19 @@ def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
 
 
+def paired_gap(full: np.ndarray, controller: np.ndarray) -> dict[str, Any]:
+    """How far a controller's accuracy lies under the full setting's on the same images, with its noise: the gap,
+    a normal 95% interval of it from the per-image differences (paired: the images both get right or wrong add no
+    noise), and McNemar's p. Says whether "within 0.1 points" is ruled out by the data or only missed by chance."""
+    full, controller = np.asarray(full, dtype=bool), np.asarray(controller, dtype=bool)
+    if full.shape != controller.shape or full.ndim != 1 or len(full) < 2:
+        raise ValueError(f"need paired correctness vectors of one length >= 2, got {full.shape} and {controller.shape}")
+    d = full.astype(np.float64) - controller
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+    return {"gap": float(d.mean()), "gap_ci95": [float(d.mean() - half), float(d.mean() + half)],
+            "mcnemar_p_vs_full": mcnemar_p(full, controller)}  # fmt: skip
+
+
 def format_report(metrics: dict[str, Any], top: int = 5) -> str:
     """The short table printed at the end of ``train_policy.py``."""
     m = metrics

@@ -415,6 +415,8 @@ def test_ablation_end_to_end(work, run: Path, tmp_path) -> None:
             assert not (a >= full_train - 0.0005 - 1e-12 and f < iso["train_mean_flops"] - 1e-6)
     full_test = max(result["fixed"], key=lambda r: r["flops"])["accuracy"]
     assert iso["gap_to_full"] == pytest.approx(full_test - iso["accuracy"])
+    gap = iso["paired_gap_to_full"]  # the same gap, with its interval from the per-image differences around it
+    assert gap["gap"] == pytest.approx(iso["gap_to_full"]) and gap["gap_ci95"][0] <= gap["gap"] <= gap["gap_ci95"][1]
     for ctrl in result["controllers"]:
         cascade = next(c for c in result["probe_cascade"] if c["flops_penalty"] == ctrl["flops_penalty"])
         assert (ctrl["cascade_accuracy"], ctrl["cascade_mean_flops"]) == (cascade["accuracy"], cascade["mean_flops"])
@@ -717,6 +719,22 @@ def test_cascade_fitted_to_accuracy_is_the_cheapest_within_the_drop_and_is_check
     as_good = [*fixed, {"tokens": 4, "depth": 2, "width": 16, "flops": 50.0, "accuracy": 0.8996}]
     near = iso_check({"accuracy": 0.8995, "mean_flops": 40.0}, as_good)  # 60% under full, only 20% under 4/2/16
     assert near["cheapest_fixed_as_accurate"] == "4/2/16" and not near["meets_iso_accuracy"]
+
+
+def test_paired_gap_to_the_full_setting() -> None:
+    """The gap's 95% interval comes from the per-image differences: equal swaps give a wide interval around 0 and
+    McNemar p = 1; ten images lost out of 100 give 0.1 +- 1.96 * sd / 10 and p = 2 / 2**10."""
+    from policy.evaluation import paired_gap
+
+    g = paired_gap(np.array([1, 1, 0, 0], bool), np.array([1, 0, 0, 1], bool))
+    assert g["gap"] == 0 and g["gap_ci95"] == pytest.approx([-0.8002, 0.8002], abs=1e-4) and g["mcnemar_p_vs_full"] == 1
+    full, lost = np.ones(100, bool), np.r_[np.zeros(10, bool), np.ones(90, bool)]
+    g = paired_gap(full, lost)
+    half = 1.96 * np.sqrt(0.1 * 0.9 * 100 / 99) / 10
+    assert g["gap"] == pytest.approx(0.1) and g["gap_ci95"] == pytest.approx([0.1 - half, 0.1 + half])
+    assert g["mcnemar_p_vs_full"] == pytest.approx(2 / 2**10)
+    with pytest.raises(ValueError, match="paired"):
+        paired_gap(full, lost[:50])
 
 
 def test_cascade_refuses_what_it_cannot_use(work, cascade_run: Path, tmp_path) -> None:
