@@ -183,6 +183,10 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
     # one folder for all ranks: the default name holds the time, which the ranks could read a second apart
     out = broadcast(Path(cfg.out) if cfg.out else (state_path.parent if state_path else Path("runs") / cfg.run_name()))
     main = is_main()
+    # a fresh run into a folder that holds one would append to its log and overwrite its state and backbone
+    taken = broadcast(state_path is None and any((out / f).exists() for f in (STATE_FILE, BACKBONE_FILE)))
+    if taken:
+        raise ValueError(f"{out} already holds a training run; continue it with --resume {out} or pick another --out")
     device = local_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **cfg.model_overrides)

@@ -256,6 +256,16 @@ def test_resume_refuses_other_model_config(two_epoch_run, data: ImageDataset, tm
         train(_config(tmp_path / "other"), resume=str(tmp_path / "missing.pt"), data=data)
 
 
+def test_fresh_run_into_a_run_folder_is_refused(two_epoch_run, data: ImageDataset) -> None:
+    """Training again into a folder that holds a run (without --resume) would append to its log and overwrite its
+    state and backbone: refused, and nothing there changes."""
+    run = two_epoch_run[0]
+    before = {name: (run / name).read_bytes() for name in ("log.jsonl", "train_state.pt", "backbone.safetensors")}
+    with pytest.raises(ValueError, match=r"already holds a training run; continue it with --resume"):
+        train(_config(run, epochs=2), data=data)
+    assert before == {name: (run / name).read_bytes() for name in before}
+
+
 def test_batch_larger_than_data_is_refused(data: ImageDataset, tmp_path) -> None:
     with pytest.raises(ValueError, match=r"batch_size=1024 is larger than the 512 training images"):
         train(_config(tmp_path / "big", batch_size=1024), data=data)
