@@ -44,6 +44,7 @@ from backbone.sweep import accuracy_grid
 
 STATE_FILE = "train_state.pt"
 BACKBONE_FILE = "backbone.safetensors"
+LOG_FILE = "log.jsonl"
 
 
 @dataclass
@@ -183,8 +184,9 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
     # one folder for all ranks: the default name holds the time, which the ranks could read a second apart
     out = broadcast(Path(cfg.out) if cfg.out else (state_path.parent if state_path else Path("runs") / cfg.run_name()))
     main = is_main()
-    # a fresh run into a folder that holds one would append to its log and overwrite its state and backbone
-    taken = broadcast(state_path is None and any((out / f).exists() for f in (STATE_FILE, BACKBONE_FILE)))
+    # a fresh run into a folder that holds one (even one killed before its first checkpoint) would append to its
+    # log and overwrite its state and backbone
+    taken = broadcast(state_path is None and any((out / f).exists() for f in (STATE_FILE, BACKBONE_FILE, LOG_FILE)))
     if taken:
         raise ValueError(f"{out} already holds a training run; continue it with --resume {out} or pick another --out")
     device = local_device(cfg.device)
@@ -252,7 +254,7 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
                disable=not main)  # fmt: skip
     t_last, loss_ema = time.perf_counter(), None
     model.train()
-    with (out / "log.jsonl").open("a") if main else open(os.devnull, "w") as log_file:
+    with (out / LOG_FILE).open("a") if main else open(os.devnull, "w") as log_file:
         try:
             while step < total_steps:
                 epoch, i = divmod(step, steps_per_epoch)

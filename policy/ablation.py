@@ -146,8 +146,10 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
         "iso_accuracy": iso_accuracy(controllers, fixed),
         "iso_cascade": _json_row(iso_cascade)
         | iso_check(iso_cascade, fixed)
-        | {"full_train_accuracy": float(val_acc[train.grid.full_index])}
-        | {"paired_gap_to_full": paired_gap(table.correct[(slice(None), *grid.full_index)], iso_cascade["outcome"])},
+        | {
+            "full_train_accuracy": float(val_acc[train.grid.full_index]),
+            "paired_gap_to_full": paired_gap(table.correct[(slice(None), *grid.full_index)], iso_cascade["outcome"]),
+        },
     }
 
 
