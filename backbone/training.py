@@ -38,6 +38,7 @@ from backbone.data_source import resolve_data
 from backbone.distributed import broadcast, is_main, local_device, mean_across_ranks, world_size
 from backbone.factory import create_model
 from backbone.fileio import atomic_write
+from backbone.finetune import init_from_checkpoint
 from backbone.model import AdaPerceiver
 from backbone.settings_io import dump_yaml
 from backbone.sweep import accuracy_grid
@@ -55,6 +56,7 @@ class TrainConfig:
 
     model: str = "adaperceiver_fmnist"  # named size (backbone.MODEL_NAMES)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # AdaPerceiverConfig fields to change
+    init: str = ""  # fine-tune: start from this backbone checkpoint (its architecture; only num_classes may change)
     split: str = "backbone-train"  # training split (train[:50000]); the policy split is never trained on
     image_folder: str | None = None  # train on a flat root/<class>/<image> tree instead of `split` (no recipe below)
     data: str | None = None  # task: None/fmnist (Fashion-MNIST `split`) or an image-folder root ROOT/<split>/<class>/
@@ -135,6 +137,7 @@ def random_shift_flip(images: torch.Tensor, max_shift: int = 2) -> torch.Tensor:
 _SCHEDULE_KEYS = (
     "model",
     "model_overrides",
+    "init",
     "split",
     "image_folder",
     "data",
@@ -191,7 +194,7 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         raise ValueError(f"{out} already holds a training run; continue it with --resume {out} or pick another --out")
     device = local_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, **cfg.model_overrides)
+    model = build_model(cfg)
     source = resolve_data(cfg.data, cfg.data_dir)
     folder_task = not source.builtin and data is None
     # the held-out monitor scores Fashion-MNIST's policy split: only meaningful when training on its backbone split
@@ -308,6 +311,7 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         "train_wall_s": round(elapsed, 1),
         "precision": "bf16" if use_bf16 else "fp32",
         "classes": data.classes,
+        **({"init_sha256": model.init_checkpoint_sha256} if cfg.init else {}),
         **({"data": data_record, "epochs": epochs, "augment": augment} if data_record else {}),
         "torch": torch.__version__,
         "command": " ".join(["python -m backbone.train", *sys.argv[1:]]),
@@ -317,6 +321,18 @@ def train(cfg: TrainConfig, resume: str | None = None, data: ImageDataset | None
         run.finish()
     return {"backbone": str(out / BACKBONE_FILE), "sha256": sha, "steps": step, "wall_s": elapsed,
             "final_loss": loss_ema}  # fmt: skip
+
+
+def build_model(cfg: TrainConfig) -> AdaPerceiver:
+    """The model a run starts from: a fresh ``cfg.model`` (with ``model_overrides``), or with ``cfg.init`` that
+    checkpoint's weights and architecture (``backbone/finetune.py``)."""
+    if not cfg.init:
+        return create_model(cfg.model, **cfg.model_overrides)
+    model = init_from_checkpoint(cfg.init, cfg.model_overrides)
+    if model.cfg.name != cfg.model and is_main():
+        print(f"fine-tuning {cfg.init}: its architecture ({model.cfg.name}) is used, not model={cfg.model}",
+              file=sys.stderr)  # fmt: skip
+    return model
 
 
 def resolve_state(resume: str | Path) -> Path:

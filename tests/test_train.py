@@ -271,6 +271,46 @@ def test_batch_larger_than_data_is_refused(data: ImageDataset, tmp_path) -> None
         train(_config(tmp_path / "big", batch_size=1024), data=data)
 
 
+# --- fine-tuning from a checkpoint (init=) ----------------------------------------------------------------------
+
+
+def test_init_starts_from_the_checkpoint(two_epoch_run, data: ImageDataset, tmp_path) -> None:
+    """At learning rate 0 a run started from a checkpoint ends with exactly its weights; one started fresh does not.
+    The backbone records which checkpoint it came from."""
+    source = two_epoch_run[0] / "backbone.safetensors"
+    frozen = dict(lr=0.0, min_lr=0.0)
+    train(_config(tmp_path / "ft", init=str(source), **frozen), data=data)
+    train(_config(tmp_path / "fresh", **frozen), data=data)
+    trained, fresh = _weights(tmp_path / "ft"), _weights(tmp_path / "fresh")
+    expected = safetensors.torch.load_file(str(source))
+    assert all(torch.equal(trained[k], expected[k]) for k in expected)
+    assert any(not torch.equal(fresh[k], expected[k]) for k in expected)
+    info = load_backbone(tmp_path / "ft" / "backbone.safetensors").checkpoint_info
+    assert info["init_sha256"] == file_sha256(source) and info["train_config"]["init"] == str(source)
+
+
+def test_init_with_a_new_label_set_replaces_only_the_head(two_epoch_run, data: ImageDataset, tmp_path) -> None:
+    source = two_epoch_run[0] / "backbone.safetensors"
+    four = ImageDataset(data.images, data.labels % 4, data.classes[:4], "four classes")
+    cfg = _config(tmp_path / "ft4", init=str(source), model_overrides={"num_classes": 4}, lr=0.0, min_lr=0.0)
+    train(cfg, data=four)
+    model = load_backbone(tmp_path / "ft4" / "backbone.safetensors")
+    assert model.cfg.num_classes == 4 and model.head.weight.shape == (4, model.cfg.embed_dim)
+    expected, trained = safetensors.torch.load_file(str(source)), _weights(tmp_path / "ft4")
+    assert {k for k in expected if not torch.equal(trained[k], expected[k])} == {"head.weight", "head.bias"}
+
+
+def test_init_refuses_what_it_cannot_start_from(two_epoch_run, data: ImageDataset, tmp_path) -> None:
+    source = str(two_epoch_run[0] / "backbone.safetensors")
+    with pytest.raises(ValueError, match=r"model_overrides may only set num_classes when fine-tuning, got \['depth'\]"):
+        train(_config(tmp_path / "a", init=source, model_overrides={"depth": 2}), data=data)
+    with pytest.raises(ValueError, match=r"backbone checkpoint not found"):
+        train(_config(tmp_path / "b", init=str(tmp_path / "missing.safetensors")), data=data)
+    # a run resumed with another starting point would not be the run it continues
+    with pytest.raises(ValueError, match=r"different \['init'\]"):
+        train(_config(tmp_path / "c", epochs=2, init=source), resume=str(two_epoch_run[2]), data=data)
+
+
 # --- augmentation --------------------------------------------------------------------------------------------------
 
 
@@ -321,6 +361,14 @@ def test_cli_unknown_option_is_a_one_line_error() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error:") and "nope" in lines[0] and "valid options" in lines[0]
+
+
+def test_cli_missing_init_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
+    result = _cli("model=adaperceiver_test", f"init={tmp_path / 'none.safetensors'}", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "backbone checkpoint not found" in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def _image_folder(root: Path, classes: int, per_class: int = 8) -> Path:
