@@ -397,6 +397,15 @@ def test_cli_trains_on_an_image_folder(tmp_path: Path) -> None:
     assert bad.returncode == 2
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and "has 3 classes" in lines[0] and "model_overrides.num_classes=3" in lines[0], bad.stderr
+    # fine-tuned from that run on a folder of 2 other classes: a new 2-way head, the rest started from the run
+    two = _image_folder(tmp_path / "two", classes=2)
+    args = ("--image-folder", str(two), f"init={tmp_path / 'run' / 'backbone.safetensors'}", "epochs=1", "batch_size=8")
+    tuned = _cli(*args, "model_overrides.num_classes=2", "--out", str(tmp_path / "tuned"))
+    assert tuned.returncode == 0, tuned.stderr
+    assert "its architecture (adaperceiver_test) is used, not model=adaperceiver_fmnist_stages" in tuned.stderr
+    model = load_backbone(tmp_path / "tuned" / "backbone.safetensors")
+    assert model.cfg.num_classes == 2 and model.checkpoint_info["classes"] == ["class0", "class1"]
+    assert model.checkpoint_info["init_sha256"] == file_sha256(tmp_path / "run" / "backbone.safetensors")
 
 
 def test_train_step_benchmark_writes_both_precisions(tmp_path: Path) -> None:
