@@ -87,8 +87,10 @@ class TrainConfig:
     wandb_project: str = "adaperceiver-rl"  # Weights & Biases project of the run
 
     def run_name(self) -> str:
-        """cleanrl-style ``backbone__{model}__s{seed}__{time}``."""
-        return f"backbone__{self.model}__s{self.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+        """cleanrl-style ``backbone__{model}__s{seed}__{time}``; a fine-tuning run is named after its checkpoint
+        (``backbone__ft-{file stem}__...``), whose architecture it trains whatever ``model`` says."""
+        what = f"ft-{Path(self.init).stem}" if self.init else self.model
+        return f"backbone__{what}__s{self.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def joint_loss(

@@ -286,6 +286,7 @@ def test_init_starts_from_the_checkpoint(two_epoch_run, data: ImageDataset, tmp_
     assert all(torch.equal(trained[k], expected[k]) for k in expected)
     assert any(not torch.equal(fresh[k], expected[k]) for k in expected)
     info = load_backbone(tmp_path / "ft" / "backbone.safetensors").checkpoint_info
+    assert TrainConfig(init=str(source)).run_name().startswith("backbone__ft-backbone__s0__")
     assert info["init_sha256"] == file_sha256(source) and info["train_config"]["init"] == str(source)
 
 
