@@ -527,12 +527,15 @@ def test_recipe_cv_pools_held_out_folds_and_scores_the_cascade_on_them(work, tmp
     out = tmp_path / "cv"
     args = ["--backbone", str(work["backbone"]), "--config", str(work["config"]), "--cache-dir", str(work["cache"]),
             "--train-limit", "300", "--folds", "3", "--timesteps", "512", "--out", str(out),
-            "--variants", "ent_coef=0.01", "ent_coef=0,n_epochs=2"]  # fmt: skip
+            "--variants", "ent_coef=0.01", "ent_coef=0,n_epochs=2", "observation=probe"]  # fmt: skip
     assert recipe_cv.main(args) == 0
     result = json.loads((out / "recipe_cv.json").read_text())
     assert (out / "recipe_cv.md").is_file()
     assert result["samples"] == 300 and result["folds"] == 3
-    assert [v["variant"] for v in result["variants"]] == ["ent_coef=0.01", "ent_coef=0,n_epochs=2"]
+    assert [v["variant"] for v in result["variants"]] == ["ent_coef=0.01", "ent_coef=0,n_epochs=2", "observation=probe"]
+    # the probe-only controller is priced as one: its observation (3 numbers) and its own network, no pooled features
+    probe_only = result["variants"][2]
+    assert probe_only["mean_flops"] >= get_observation("probe").flops(load_backbone(work["backbone"]))
     model = load_backbone(work["backbone"])
     full = model.grid.full_flops
     for v in [*result["variants"], result["probe_cascade"]]:
