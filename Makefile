@@ -66,6 +66,8 @@ results: install
 	cp -r runs/ablation/fmnist__sequential__p0.3__s0 $(RESULTS)/sequential_p0.3
 	$(PY) -m policy.reference --ablation $(RESULTS)/ablation.json --out $(RESULTS)/reference
 	$(PY) -m policy.recipe_cv --variants ent_coef=0.01 ent_coef=0.001 ent_coef=0 --out $(RESULTS)/recipe_cv
+	for p in 0.3 0.01; do $(PY) -m policy.recipe_cv --penalty $$p --variants observation=pooled_probe observation=probe \
+		--out $(RESULTS)/recipe_cv_observation/p$$p; done
 	$(PY) -m benchmarks.bench_backbone --model adaperceiver_fmnist_stages --json $(RESULTS)/bench_backbone.json
 	$(PY) -m benchmarks.bench_env --json $(RESULTS)/bench_env.json
 	$(PY) -m benchmarks.bench_train_step --model adaperceiver_fmnist_stages --json $(RESULTS)/bench_train_step.json

@@ -30,8 +30,14 @@ def launched_world_size() -> int:
 
 
 def local_device(device: str) -> torch.device:
-    """``device``, with ``cuda`` meaning this process's own GPU (``cuda:LOCAL_RANK``) so ranks never share one."""
-    dev = torch.device(device)
+    """``device``, with ``cuda`` meaning this process's own GPU (``cuda:LOCAL_RANK``) so ranks never share one;
+    ValueError in one line for a name torch does not know or a CUDA device on a machine without one."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this machine has no CUDA GPU that torch can use")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return dev

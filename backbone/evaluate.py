@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from backbone.checkpoint import DEFAULT_BACKBONE, load_backbone
+from backbone.distributed import local_device
 from backbone.fileio import atomic_write, display_path, write_json, write_text
 from backbone.interrupt import exits_cleanly_on_ctrl_c
 from backbone.pareto import significant_steps
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers reading an image folder")
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first N images only (0 = all)")
     parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
+    parser.add_argument("--device", default="cpu", help="torch device the backbone runs on (e.g. cuda)")
     parser.add_argument("--compare", help="eval_<split>.json of another backbone whose front is drawn on the same axes")
     parser.add_argument(
         "--out",
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         compare = read_report(args.compare) if args.compare else None
-        model = load_backbone(args.checkpoint)
+        model = load_backbone(args.checkpoint, device=local_device(args.device))
         source = resolve_data(args.data, args.data_dir)
         source.check_backbone(model)
         if source.builtin:

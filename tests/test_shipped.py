@@ -151,6 +151,15 @@ def test_evaluate_cli_writes_next_to_a_run_and_draws_another_front(tmp_path: Pat
     assert (run / "eval_test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (run / "eval_test.md").is_file()
     bad = subprocess.run([*cmd[:-1], str(run / "backbone.safetensors")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--compare" in bad.stderr
+    # --device runs the sweep there (explicit cpu: the same report); an unknown or absent device is one line
+    cpu = subprocess.run([*cmd, "--device", "cpu", "--out", str(tmp_path / "cpu")], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)  # fmt: skip
+    assert cpu.returncode == 0, cpu.stderr
+    assert json.loads((tmp_path / "cpu" / "eval_test.json").read_text())["settings"] == report["settings"]
+    devices = [("nope", "not a torch device")] + ([] if torch.cuda.is_available() else [("cuda", "no CUDA GPU")])
+    for device, message in devices:
+        bad = subprocess.run([*cmd, "--device", device], capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and message in bad.stderr, bad.stderr
 
 
 def test_previous_default_still_loads_and_scores_as_recorded() -> None:

@@ -364,6 +364,13 @@ def test_cli_unknown_option_is_a_one_line_error() -> None:
     assert lines[0].startswith("error:") and "nope" in lines[0] and "valid options" in lines[0]
 
 
+def test_cli_unknown_device_is_a_one_line_error(tmp_path: Path) -> None:
+    result = _cli("model=adaperceiver_test", "device=gpu0", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "device 'gpu0': not a torch device" in lines[0], result.stderr
+
+
 def test_cli_missing_init_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
     result = _cli("model=adaperceiver_test", f"init={tmp_path / 'none.safetensors'}", "--out", str(tmp_path / "run"))
     assert result.returncode == 2
