@@ -31,7 +31,10 @@ def init_from_checkpoint(path: str | os.PathLike, model_overrides: dict[str, Any
             f"{', '.join(ADAPTABLE)} when fine-tuning, got {refused}"
         )
     pretrained = load_backbone(path)
-    cfg = dataclasses.replace(pretrained.cfg, num_classes=int(overrides.get("num_classes", pretrained.cfg.num_classes)))
+    num_classes = overrides.get("num_classes", pretrained.cfg.num_classes)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"init={path}: model_overrides.num_classes must be a positive integer, got {num_classes!r}")
+    cfg = dataclasses.replace(pretrained.cfg, num_classes=num_classes)
     model = AdaPerceiver(cfg)  # freshly initialised; every weight but a new head is overwritten below
     new_head = cfg.num_classes != pretrained.cfg.num_classes
     kept = {k: v for k, v in pretrained.state_dict().items() if not (new_head and k.startswith(HEAD_PREFIX))}

@@ -354,7 +354,7 @@ def _load_training_data(cfg: TrainConfig, model: AdaPerceiver) -> ImageDataset:
     data = load_image_folder(cfg.image_folder, c.img_size, c.in_chans)
     if len(data.classes) != c.num_classes:
         raise ValueError(
-            f"{cfg.image_folder} has {len(data.classes)} classes but {cfg.model} has {c.num_classes} outputs; "
+            f"{cfg.image_folder} has {len(data.classes)} classes but {c.name} has {c.num_classes} outputs; "
             f"add model_overrides.num_classes={len(data.classes)}"
         )
     return data

@@ -305,6 +305,8 @@ def test_init_refuses_what_it_cannot_start_from(two_epoch_run, data: ImageDatase
     source = str(two_epoch_run[0] / "backbone.safetensors")
     with pytest.raises(ValueError, match=r"model_overrides may only set num_classes when fine-tuning, got \['depth'\]"):
         train(_config(tmp_path / "a", init=source, model_overrides={"depth": 2}), data=data)
+    with pytest.raises(ValueError, match=r"num_classes must be a positive integer, got 'ten'"):
+        train(_config(tmp_path / "n", init=source, model_overrides={"num_classes": "ten"}), data=data)
     with pytest.raises(ValueError, match=r"backbone checkpoint not found"):
         train(_config(tmp_path / "b", init=str(tmp_path / "missing.safetensors")), data=data)
     # a run resumed with another starting point would not be the run it continues
