@@ -38,8 +38,6 @@ def init_from_checkpoint(path: str | os.PathLike, model_overrides: dict[str, Any
     model = AdaPerceiver(cfg)  # freshly initialised; every weight but a new head is overwritten below
     new_head = cfg.num_classes != pretrained.cfg.num_classes
     kept = {k: v for k, v in pretrained.state_dict().items() if not (new_head and k.startswith(HEAD_PREFIX))}
-    missing, unexpected = model.load_state_dict(kept, strict=False)
-    if unexpected or any(not k.startswith(HEAD_PREFIX) for k in missing):  # cannot happen for a loadable checkpoint
-        raise RuntimeError(f"init={path}: weights left unloaded {missing[:5]}, unknown {unexpected[:5]}")
+    model.load_state_dict(kept, strict=not new_head)  # the same architecture: only a new head's keys are missing
     model.init_checkpoint_sha256 = pretrained.checkpoint_sha256
     return model.requires_grad_(True).train()

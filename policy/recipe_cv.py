@@ -51,32 +51,32 @@ def run_cv(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"variant {text!r}: only one-shot controllers are cross-validated here")
     cfg0 = configs[0]
     model = load_backbone_for(cfg0.backbone)
-    folds: list[np.ndarray] = []
-    by_observation: dict[str, tuple] = {}  # observation -> its folds' tables and setting prices
+    table = outcome_table(model, cfg0, cfg0.train_split, cfg0.train_limit)
+    if len(table) < 2 * args.folds:
+        raise ValueError(f"{len(table)} samples are too few for {args.folds} folds")
+    folds = np.array_split(np.random.default_rng(args.seed).permutation(len(table)), args.folds)
 
-    def folds_of(cfg) -> tuple:
-        """(rows held out, the other folds' table, the held-out table) per fold, and what each setting costs a
-        controller with ``cfg.observation``: built once per observation, the same rows in every one."""
+    def fold_tables(table) -> list[tuple]:
+        """(rows held out, the other folds' table, the held-out table) per fold: the same rows for every table."""
+        return [(held, table.subset(np.concatenate([f for j, f in enumerate(folds) if j != k])), table.subset(held))
+                for k, held in enumerate(folds)]  # fmt: skip
+
+    by_observation: dict[str, tuple] = {}  # per observation: its folds' tables, what each setting costs a controller
+    for cfg in configs:
         if cfg.observation not in by_observation:
-            table = outcome_table(model, cfg, cfg.train_split, cfg.train_limit)
-            if len(table) < 2 * args.folds:
-                raise ValueError(f"{len(table)} samples are too few for {args.folds} folds")
-            if not folds:
-                folds.extend(np.array_split(np.random.default_rng(args.seed).permutation(len(table)), args.folds))
-            splits = [(held, table.subset(np.concatenate([f for j, f in enumerate(folds) if j != k])),
-                       table.subset(held)) for k, held in enumerate(folds)]  # fmt: skip
-            by_observation[cfg.observation] = (splits, *setting_prices(model, get_observation(cfg.observation)))
-        return by_observation[cfg.observation]
-
-    folds_of(cfg0)
-    table_size = sum(len(f) for f in folds)
+            seen = table if cfg.observation == cfg0.observation else outcome_table(model, cfg, cfg.train_split,
+                                                                                   cfg.train_limit)  # fmt: skip
+            by_observation[cfg.observation] = (
+                fold_tables(seen),
+                *setting_prices(model, get_observation(cfg.observation)),
+            )
     full = model.grid.full_flops
     rows, pooled = [], []
     torch.set_num_threads(1)  # the controller MLP is tiny: one thread is fastest and keeps runs reproducible
     for (text, _), cfg in zip(variants, configs, strict=True):
         t0 = time.perf_counter()
-        splits, priced, reused = folds_of(cfg)
-        correct, spent = np.zeros(table_size, bool), 0.0
+        splits, priced, reused = by_observation[cfg.observation]
+        correct, spent = np.zeros(len(table), bool), 0.0
         for held, fit, val in splits:
             torch.manual_seed(cfg.seed)
             np.random.seed(cfg.seed)
@@ -91,23 +91,23 @@ def run_cv(args: argparse.Namespace) -> dict[str, Any]:
             correct[held] = val.correct[(np.arange(len(val)), *actions.T)]
             spent += m["mean_flops"] * len(held)
         pooled.append(correct)
-        row = _summary(text, correct, spent / table_size, full, cfg.flops_penalty)
+        row = _summary(text, correct, spent / len(table), full, cfg.flops_penalty)
         rows.append(row | {"seconds": time.perf_counter() - t0})
         print(f"{text}: {rows[-1]['accuracy']:.2%} at {rows[-1]['mean_flops'] / 1e6:.2f} MFLOPs", file=sys.stderr)
     for row, correct in zip(rows[1:], pooled[1:], strict=True):
         row["vs_first_p_value"] = mcnemar_p(correct, pooled[0])
-    correct, spent = np.zeros(table_size, bool), 0.0
-    for held, fit, val in folds_of(cfg0)[0]:
+    correct, spent = np.zeros(len(table), bool), 0.0
+    for held, fit, val in by_observation[cfg0.observation][0]:
         c = choose_cascade(model, fit, val, args.penalty)
         correct[held], spent = c["outcome"], spent + c["mean_flops"] * len(held)
-    cascade = _summary("probe cascade", correct, spent / table_size, full, args.penalty) | {
+    cascade = _summary("probe cascade", correct, spent / len(table), full, args.penalty) | {
         "vs_first_p_value": mcnemar_p(correct, pooled[0])
     }
     return {
         "command": "python -m policy.recipe_cv " + " ".join(sys.argv[1:]),
         "backbone_sha256": model.checkpoint_sha256,
         "split": cfg0.train_split,
-        "samples": table_size,
+        "samples": len(table),
         "folds": args.folds,
         "fold_seed": args.seed,
         "flops_penalty": args.penalty,
