@@ -18,6 +18,7 @@ from backbone.checkpoint import DEFAULT_BACKBONE, load_backbone
 from backbone.distributed import local_device
 from backbone.fileio import atomic_write, display_path, write_json, write_text
 from backbone.interrupt import exits_cleanly_on_ctrl_c
+from backbone.option_checks import int_at_least
 from backbone.pareto import significant_steps
 from backbone.settings import Setting
 from backbone.sweep import accuracy_grid
@@ -142,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         "backbone's preprocessing; policy-train = ROOT/policy-train/ or the hold-out recorded in the backbone)",
     )
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: $ADAPERCEIVER_DATA_DIR or Debian's path)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers reading an image folder")
-    parser.add_argument("--limit", type=int, default=0, help="evaluate the first N images only (0 = all)")
-    parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
+    parser.add_argument("--workers", type=int_at_least(0), default=2, help="DataLoader workers reading an image folder")
+    parser.add_argument("--limit", type=int_at_least(0), default=0, help="evaluate the first N images only (0 = all)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=500, help="images per forward pass")
     parser.add_argument("--device", default="cpu", help="torch device the backbone runs on (e.g. cuda)")
     parser.add_argument("--compare", help="eval_<split>.json of another backbone whose front is drawn on the same axes")
     parser.add_argument(

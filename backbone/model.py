@@ -180,8 +180,14 @@ class AdaPerceiver(nn.Module):
             raise ValueError(f"expected float images scaled to [0, 1], got dtype {x.dtype}")
         if x.shape[0] == 0:
             raise ValueError("empty batch")
-        if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():  # one reduction when all is well
-            raise ValueError("input contains NaN or infinite values")
+        lo, hi = (float(v) for v in torch.aminmax(x))  # one reduction when all is well; NaN fails both comparisons
+        if not (lo >= 0.0 and hi <= 1.0):
+            if not torch.isfinite(x).all():
+                raise ValueError("input contains NaN or infinite values")
+            raise ValueError(
+                f"expected images scaled to [0, 1], got values in [{lo:.4g}, {hi:.4g}] (0-255 pixels: divide by 255; "
+                "the model normalises inside, so pass images before any mean/std)"
+            )
 
     def resolve_stage(self, stage: int | None) -> int:
         """``None`` -> the deepest stage; ValueError unless ``stage`` is one of ``cfg.stages``."""

@@ -22,6 +22,7 @@ from backbone.checkpoint import DEFAULT_BACKBONE, load_backbone
 from backbone.fileio import display_path, write_json
 from backbone.interrupt import exits_cleanly_on_ctrl_c
 from backbone.model import AdaPerceiver
+from backbone.option_checks import int_at_least
 
 
 @dataclass
@@ -74,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=str(DEFAULT_BACKBONE), help="backbone .safetensors file")
     parser.add_argument("--split", default="test", help="backbone-train | policy-train | test")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: $ADAPERCEIVER_DATA_DIR or Debian's path)")
-    parser.add_argument("--samples", type=int, default=512, help="first N images of the split")
-    parser.add_argument("--tokens", type=int, default=None, help="latent count (default: the largest granularity)")
+    parser.add_argument("--samples", type=int_at_least(1), default=512, help="first N images of the split")
+    parser.add_argument(
+        "--tokens", type=int_at_least(1), default=None, help="latent count (default: the largest granularity)"
+    )
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     try:

@@ -40,9 +40,11 @@ from backbone.factory import create_model
 from backbone.fileio import atomic_write
 from backbone.finetune import init_from_checkpoint
 from backbone.model import AdaPerceiver
+from backbone.option_checks import check_int, check_number
 from backbone.settings_io import dump_yaml
 from backbone.sweep import accuracy_grid
 
+WANDB_MODES = ("disabled", "offline", "online")
 STATE_FILE = "train_state.pt"
 BACKBONE_FILE = "backbone.safetensors"
 LOG_FILE = "log.jsonl"
@@ -85,6 +87,23 @@ class TrainConfig:
     data_dir: str | None = None  # Fashion-MNIST folder (default: $ADAPERCEIVER_DATA_DIR or Debian's path)
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "adaperceiver-rl"  # Weights & Biases project of the run
+
+    def __post_init__(self) -> None:
+        """A value outside its range is a one-line error here, not a failure deep inside a run."""
+        for name in ("epochs", "batch_size", "checkpoint_every"):
+            check_int(name, getattr(self, name), 1)
+        for name in ("min_steps", "small_data", "workers", "num_threads", "limit_train", "monitor_samples", "seed"):
+            check_int(name, getattr(self, name), 0)
+        for name in ("lr", "min_lr", "warmup_epochs", "weight_decay", "grad_clip"):
+            check_number(name, getattr(self, name), 0.0)
+        check_number("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        check_number("distill_weight", self.distill_weight, 0.0, 1.0)
+        check_number("policy_fraction", self.policy_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        for name in ("augment", "bf16"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.wandb not in WANDB_MODES:
+            raise ValueError(f"wandb must be one of {list(WANDB_MODES)}, got {self.wandb!r}")
 
     def run_name(self) -> str:
         """cleanrl-style ``backbone__{model}__s{seed}__{time}``; a fine-tuning run is named after its checkpoint
@@ -478,8 +497,6 @@ def _load_state(path: Path, model, optimizer, cfg: TrainConfig) -> tuple[int, fl
 def _init_wandb(cfg: TrainConfig, out: Path):
     if cfg.wandb == "disabled":
         return None
-    if cfg.wandb not in ("offline", "online"):
-        raise ValueError(f"wandb must be disabled, offline or online, got {cfg.wandb!r}")
     import wandb
 
     return wandb.init(project=cfg.wandb_project, mode=cfg.wandb, config=dataclasses.asdict(cfg), dir=str(out))

@@ -24,6 +24,7 @@ from backbone import AdaPerceiver, create_model, load_backbone
 from backbone.allocator import reuse_freed_memory
 from backbone.fileio import write_json
 from backbone.interrupt import exits_cleanly_on_ctrl_c
+from backbone.option_checks import int_at_least
 from backbone.settings import Setting
 from benchmarks.timing import cpu_description, matmul_gflops, median_seconds
 
@@ -55,14 +56,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     parser.add_argument("--model", default="adaperceiver_fmnist", help="named size (untrained weights)")
     parser.add_argument("--checkpoint", help="backbone .safetensors to time instead of --model")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes per measurement (median reported)")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
-    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square fp32 matmul")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=256, help="images per forward pass")
+    parser.add_argument(
+        "--repeats", type=int_at_least(1), default=5, help="timed passes per measurement (median reported)"
+    )
+    parser.add_argument(
+        "--threads", type=int_at_least(0), default=0, help="torch intra-op threads (0 = torch's default)"
+    )
+    parser.add_argument("--matmul-size", type=int_at_least(1), default=2048, help="side of the square fp32 matmul")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.repeats < 1:
-        parser.error("--batch-size and --repeats must be >= 1")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -28,6 +28,7 @@ from backbone import DEFAULT_BACKBONE, AdaPerceiver, create_model, load_backbone
 from backbone.data import SPLITS, load_split
 from backbone.fileio import write_json
 from backbone.interrupt import exits_cleanly_on_ctrl_c
+from backbone.option_checks import int_at_least
 from envs import AdaPerceiverComputeEnv, load_or_build
 
 
@@ -55,16 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="benchmark this named size with random weights instead of --backbone")
     parser.add_argument("--split", default="policy-train", choices=SPLITS, help="data split of the outcome table")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: $ADAPERCEIVER_DATA_DIR or Debian's path)")
-    parser.add_argument("--limit", type=int, default=0, help="use the first N images of the split only (0 = all)")
+    parser.add_argument(
+        "--limit", type=int_at_least(0), default=0, help="use the first N images of the split only (0 = all)"
+    )
     parser.add_argument("--observation", default="pooled_probe", help="observation spec")
-    parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass while building")
-    parser.add_argument("--steps", type=int, default=100_000, help="episodes (reset + step) per timed run")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs (the median is reported)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random actions (and --model weights)")
+    parser.add_argument(
+        "--batch-size", type=int_at_least(1), default=500, help="images per forward pass while building"
+    )
+    parser.add_argument("--steps", type=int_at_least(1), default=100_000, help="episodes (reset + step) per timed run")
+    parser.add_argument("--repeats", type=int_at_least(1), default=3, help="timed runs (the median is reported)")
+    parser.add_argument(
+        "--seed", type=int_at_least(0), default=0, help="seed of the random actions (and --model weights)"
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.repeats < 1 or args.limit < 0:
-        parser.error("--steps and --repeats must be >= 1 and --limit >= 0")
 
     try:
         if args.model:

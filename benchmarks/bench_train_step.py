@@ -26,6 +26,7 @@ from timm.optim import create_optimizer_v2
 from backbone import MODEL_NAMES, create_model
 from backbone.fileio import write_json
 from backbone.interrupt import exits_cleanly_on_ctrl_c
+from backbone.option_checks import int_at_least
 from backbone.training import TrainConfig, native_bf16, sample_stages, sample_widths, train_step
 
 
@@ -57,8 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     parser.add_argument("--model", default="adaperceiver_fmnist", choices=MODEL_NAMES, help="named model size")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per step (training default: 256)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per precision (median reported)")
+    parser.add_argument(
+        "--batch-size", type=int_at_least(1), default=256, help="images per step (training default: 256)"
+    )
+    parser.add_argument(
+        "--repeats", type=int_at_least(1), default=3, help="timed steps per precision (median reported)"
+    )
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -66,9 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.repeats < 1:
-        print("error: --batch-size and --repeats must be >= 1", file=sys.stderr)
-        return 2
     result = {
         "command": " ".join(["python", *sys.argv]),
         "model": args.model,

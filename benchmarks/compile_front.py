@@ -20,6 +20,7 @@ import torch
 from backbone.allocator import reuse_freed_memory
 from backbone.data import DataError, load_split
 from backbone.fileio import write_json
+from backbone.option_checks import int_at_least
 from benchmarks.timing import cpu_description
 from policy.adaptive import AdaptiveClassifier
 from policy.cascade import ProbeCascade
@@ -50,8 +51,8 @@ def per_image_us(fn, images: list[torch.Tensor], repeats: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_front", description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", required=True, help="one-shot run folder written by train_policy.py")
-    parser.add_argument("--images", type=int, default=128, help="test images, one per call (default 128)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes (median reported; default 5)")
+    parser.add_argument("--images", type=int_at_least(1), default=128, help="test images, one per call (default 128)")
+    parser.add_argument("--repeats", type=int_at_least(1), default=5, help="timed passes (median reported; default 5)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     reuse_freed_memory()

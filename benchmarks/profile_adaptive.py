@@ -30,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 from backbone.allocator import reuse_freed_memory
 from backbone.data_source import resolve_data
 from backbone.interrupt import exits_cleanly_on_ctrl_c
+from backbone.option_checks import int_at_least
 from envs import observations
 from policy.adaptive import AdaptiveClassifier
 from policy.sidecar import resolve_run
@@ -140,15 +141,14 @@ def profile_tables(clf: AdaptiveClassifier, images: torch.Tensor, batch: int, ro
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_adaptive", description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", default="docs/results/demo_p0.3", help="run folder written by train_policy.py")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per predict call (default 256)")
-    parser.add_argument("--images", type=int, default=0, help="test images to run (default: 2048, or 256 at batch 1)")
-    parser.add_argument("--rows", type=int, default=30, help="rows of each table (default 30)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=256, help="images per predict call (default 256)")
+    parser.add_argument(
+        "--images", type=int_at_least(0), default=0, help="test images to run (default: 2048, or 256 at batch 1)"
+    )
+    parser.add_argument("--rows", type=int_at_least(1), default=30, help="rows of each table (default 30)")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: the usual search)")
     parser.add_argument("--out", help="also write the report to this text file")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.images < 0 or args.rows < 1:
-        print("error: --batch-size and --rows must be >= 1 and --images >= 0", file=sys.stderr)
-        return 2
     reuse_freed_memory()  # as the inference commands do
     try:
         clf = AdaptiveClassifier.load(args.policy)

@@ -21,6 +21,7 @@ from backbone.data import DataError
 from backbone.data_source import resolve_data
 from backbone.fileio import write_json
 from backbone.interrupt import exits_cleanly_on_ctrl_c
+from backbone.option_checks import int_at_least
 from benchmarks.timing import cpu_description, images_per_second
 from policy.adaptive import AdaptiveClassifier
 from policy.sidecar import resolve_run
@@ -64,15 +65,14 @@ def compare_layouts(policy: str, images: torch.Tensor, batch: int, repeats: int)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stem_layout", description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", default="docs/results/cascade_p0.3", help="run folder written by train_policy.py")
-    parser.add_argument("--images", type=int, default=2048, help="test images (default 2048)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per call (default 256)")
-    parser.add_argument("--repeats", type=int, default=9, help="paired timed passes (median reported; default 9)")
+    parser.add_argument("--images", type=int_at_least(1), default=2048, help="test images (default 2048)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=256, help="images per call (default 256)")
+    parser.add_argument(
+        "--repeats", type=int_at_least(1), default=9, help="paired timed passes (median reported; default 9)"
+    )
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: the usual search)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    if min(args.images, args.batch_size, args.repeats) < 1:
-        print("error: --images, --batch-size and --repeats must be >= 1", file=sys.stderr)
-        return 2
     reuse_freed_memory()  # as the inference commands do
     try:
         source = resolve_data(resolve_run(args.policy)[1].get("data"), args.data_dir)

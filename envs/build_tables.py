@@ -21,6 +21,7 @@ from backbone.data import SPLITS, DataError
 from backbone.data_source import resolve_data
 from backbone.distributed import is_main, local_device, process_group
 from backbone.interrupt import EXIT_INTERRUPTED
+from backbone.option_checks import int_at_least
 from envs.observations import DEFAULT_OBSERVATION, OBSERVATIONS
 from envs.outcome_table import CHUNK_SIZE
 from envs.sharded_table import load_or_build_sharded
@@ -45,10 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", nargs="+", default=["policy-train", "test"], choices=SPLITS, help="splits")
     parser.add_argument("--observation", default=DEFAULT_OBSERVATION, choices=sorted(OBSERVATIONS))
     parser.add_argument("--device", default="cpu", help="torch device of the backbone while building (e.g. cuda)")
-    parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes reading image folders")
-    parser.add_argument("--limit", type=int, default=0, help="first N images of each split only (0 = all)")
-    parser.add_argument("--chunk-size", type=int, default=CHUNK_SIZE,
+    parser.add_argument("--batch-size", type=int_at_least(1), default=500, help="images per forward pass")
+    parser.add_argument(
+        "--workers", type=int_at_least(0), default=2, help="DataLoader worker processes reading image folders"
+    )
+    parser.add_argument("--limit", type=int_at_least(0), default=0, help="first N images of each split only (0 = all)")
+    parser.add_argument("--chunk-size", type=int_at_least(1), default=CHUNK_SIZE,
                         help=f"image folders: images per chunk file, the unit of resumption and of sharding over "
                         f"torchrun's processes (default {CHUNK_SIZE})")  # fmt: skip
     parser.add_argument("--cache-dir", help="outcome-table cache folder")

@@ -30,6 +30,7 @@ from backbone.data import FASHION_MNIST_CLASSES, DataError
 from backbone.fileio import atomic_write, write_json
 from backbone.flops import flops_breakdown
 from backbone.interrupt import EXIT_INTERRUPTED
+from backbone.option_checks import int_at_least
 from backbone.pareto import front_accuracy_at, pareto_front
 from backbone.settings import Setting
 from envs import SequentialSteps, get_observation
@@ -503,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--seeds",
-        type=int,
+        type=int_at_least(0),
         nargs="+",
         default=[0],
         help="controller seeds at the headline penalty (the first one at every other penalty); e.g. 0 1 2",
@@ -519,8 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", nargs="*", help="existing run folders to use (their penalty is read from them)")
     parser.add_argument("--backbone", help="backbone .safetensors (default: the shipped checkpoint)")
     parser.add_argument("--config", default=str(DEFAULT_POLICY_CONFIG), help="PolicyConfig YAML for new controllers")
-    parser.add_argument("--timesteps", type=int, help="PPO timesteps of newly trained controllers")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    parser.add_argument("--timesteps", type=int_at_least(1), help="PPO timesteps of newly trained controllers")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the random baseline")
     parser.add_argument("--runs-dir", default="runs/ablation", help="where missing controllers are trained")
     parser.add_argument(
         "--out",
@@ -530,10 +531,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="fmnist (default) or an image-folder root ROOT/<split>/<class>/<image>")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder")
     parser.add_argument("--table-device", help="torch device of the backbone while outcome tables are built")
-    parser.add_argument("--table-batch-size", type=int, help="images per forward pass while building tables")
-    parser.add_argument("--workers", type=int, help="DataLoader workers reading image folders")
-    parser.add_argument("--train-limit", type=int, help="first N policy-train images only (smoke tests)")
-    parser.add_argument("--eval-limit", type=int, help="first N test images only (smoke tests)")
+    parser.add_argument(
+        "--table-batch-size", type=int_at_least(1), help="images per forward pass while building tables"
+    )
+    parser.add_argument("--workers", type=int_at_least(0), help="DataLoader workers reading image folders")
+    parser.add_argument("--train-limit", type=int_at_least(0), help="first N policy-train images only (smoke tests)")
+    parser.add_argument("--eval-limit", type=int_at_least(0), help="first N test images only (smoke tests)")
     parser.add_argument("--cache-dir", help="outcome-table cache folder")
     args = parser.parse_args(argv)
     try:

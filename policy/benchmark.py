@@ -25,6 +25,7 @@ from backbone.data import DataError
 from backbone.data_source import resolve_data
 from backbone.fileio import write_json
 from backbone.interrupt import exits_cleanly_on_ctrl_c
+from backbone.option_checks import int_at_least
 from benchmarks.timing import cpu_description, images_per_second, matmul_gflops
 from policy.adaptive import AdaptiveClassifier
 from policy.load_run import load_classifier
@@ -89,19 +90,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m policy.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", required=True, help="run folder written by train_policy.py")
     parser.add_argument("--split", default="test", help="images to run (default: test)")
-    parser.add_argument("--limit", type=int, default=2048, help="first N images of the split (default 2048)")
-    parser.add_argument("--limit-batch1", type=int, default=256, help="images for batch size 1 (default 256)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1], help="default: 256 1")
     parser.add_argument(
-        "--repeats", type=int, default=9, help="paired timed passes per batch size (medians reported; default 9)"
+        "--limit", type=int_at_least(1), default=2048, help="first N images of the split (default 2048)"
     )
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument(
+        "--limit-batch1", type=int_at_least(1), default=256, help="images for batch size 1 (default 256)"
+    )
+    parser.add_argument("--batch-sizes", type=int_at_least(1), nargs="+", default=[256, 1], help="default: 256 1")
+    parser.add_argument(
+        "--repeats",
+        type=int_at_least(1),
+        default=9,
+        help="paired timed passes per batch size (medians reported; default 9)",
+    )
+    parser.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (0 = torch default)")
     parser.add_argument(
         "--data", help="fmnist or an image-folder root ROOT/<split>/<class>/<image> (default: the run's own data)"
     )
     parser.add_argument("--data-dir", help="Fashion-MNIST folder")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers reading image folders")
-    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square fp32 matmul (default 2048)")
+    parser.add_argument("--workers", type=int_at_least(0), default=2, help="DataLoader workers reading image folders")
+    parser.add_argument(
+        "--matmul-size", type=int_at_least(1), default=2048, help="side of the square fp32 matmul (default 2048)"
+    )
     parser.add_argument("--json", default=None, help="output JSON (default: <policy>/benchmark.json)")
     args = parser.parse_args(argv)
     if args.threads:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from backbone.option_checks import int_at_least
 from policy.config import DEFAULT_POLICY_CONFIG
 
 DESCRIPTION = """Train a PPO controller that picks (tokens, depth, width) per input for a frozen AdaPerceiver
@@ -48,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Fashion-MNIST folder (default: $ADAPERCEIVER_DATA_DIR or /usr/share/datasets/"
         "fashion-mnist, from `apt-get install dataset-fashion-mnist`)",
     )
-    p.add_argument("--timesteps", type=int, help="PPO environment steps, one image each (default 300000)")
-    p.add_argument("--n-envs", type=int, help="parallel environment copies (default 8)")
-    p.add_argument("--seed", type=int, help="seed of PPO, environments and torch (default 0)")
+    p.add_argument("--timesteps", type=int_at_least(1), help="PPO environment steps, one image each (default 300000)")
+    p.add_argument("--n-envs", type=int_at_least(1), help="parallel environment copies (default 8)")
+    p.add_argument("--seed", type=int_at_least(0), help="seed of PPO, environments and torch (default 0)")
     p.add_argument(
         "--reward",
         choices=["correct", "neg_ce"],
@@ -72,14 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--timesteps in total, then RUN gets the evaluation",
     )
     p.add_argument("--device", help="torch device of the controller (default cpu; the MLP is tiny)")
-    p.add_argument("--train-limit", type=int, help="train on the first N policy-train images only (smoke tests)")
-    p.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only (smoke tests)")
+    p.add_argument(
+        "--train-limit", type=int_at_least(0), help="train on the first N policy-train images only (smoke tests)"
+    )
+    p.add_argument("--eval-limit", type=int_at_least(0), help="evaluate on the first N test images only (smoke tests)")
     p.add_argument(
         "--cache-dir", help="outcome-table cache (default $ADAPERCEIVER_CACHE_DIR or ~/.cache/adaperceiver-rl/tables)"
     )
     p.add_argument("--table-device", help="torch device of the backbone while outcome tables are built (default cpu)")
-    p.add_argument("--table-batch-size", type=int, help="images per forward pass while building tables (default 500)")
-    p.add_argument("--workers", type=int, help="DataLoader workers reading image folders (default 2)")
+    p.add_argument(
+        "--table-batch-size", type=int_at_least(1), help="images per forward pass while building tables (default 500)"
+    )
+    p.add_argument("--workers", type=int_at_least(0), help="DataLoader workers reading image folders (default 2)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 

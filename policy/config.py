@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from backbone.fileio import packaged_file
+from backbone.option_checks import check_int, check_number
 from backbone.settings_io import build_dataclass, load_yaml, merge
 
 DEFAULT_POLICY_CONFIG = packaged_file("configs", "policy.yaml")
@@ -73,8 +74,20 @@ class PolicyConfig:
         if self.vec_env not in ("dummy", "subproc"):
             raise ValueError(f"vec_env must be 'dummy' or 'subproc', got {self.vec_env!r}")
         for name in ("timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "table_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            check_int(name, getattr(self, name), 1)
+        for name in ("train_limit", "eval_limit", "seed", "checkpoint_every", "workers"):
+            check_int(name, getattr(self, name), 0)
+        check_number("learning_rate", self.learning_rate, 0.0, low_open=True)
+        for name in ("gamma", "gae_lambda"):
+            check_number(name, getattr(self, name), 0.0, 1.0)
+        check_number("clip_range", self.clip_range, 0.0, low_open=True)
+        check_number("max_grad_norm", self.max_grad_norm, 0.0, low_open=True)
+        for name in ("ent_coef", "vf_coef"):
+            check_number(name, getattr(self, name), 0.0)
+        if not isinstance(self.net_arch, list) or not self.net_arch:
+            raise ValueError(f"net_arch must be a non-empty list of layer sizes, got {self.net_arch!r}")
+        for size in self.net_arch:
+            check_int("each net_arch size", size, 1)
 
     def run_name(self) -> str:
         """cleanrl-style ``{task}__[sequential__]p{penalty}__s{seed}__{time}`` (task: ``fmnist`` or the image

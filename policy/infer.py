@@ -24,6 +24,7 @@ from backbone.data import FASHION_MNIST_CLASSES, IMAGE_SUFFIXES
 from backbone.fileio import write_json
 from backbone.folder_split import preprocessing
 from backbone.interrupt import exits_cleanly_on_ctrl_c
+from backbone.option_checks import int_at_least
 from policy.load_run import load_classifier
 from policy.stream import stream_predict
 
@@ -58,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", required=True, help="run folder written by train_policy.py (or its policy.json)")
     parser.add_argument("images", nargs="+", help="image files and/or folders of images")
     parser.add_argument("--backbone", help="backbone file (default: the one recorded in policy.json)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per adaptive batch (default 256)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images (default 2)")
+    parser.add_argument(
+        "--batch-size", type=int_at_least(1), default=256, help="images per adaptive batch (default 256)"
+    )
+    parser.add_argument(
+        "--workers", type=int_at_least(0), default=2, help="DataLoader processes decoding images (default 2)"
+    )
     parser.add_argument(
         "--no-full", action="store_true", help="skip timing the full setting on the same images (halves the work)"
     )
@@ -67,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="print only the summary, not one line per image")
     parser.add_argument("--json", help="also write the per-image results to this JSON file")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.workers < 0:
-        parser.error("--batch-size must be >= 1 and --workers >= 0")
     reuse_freed_memory()
     try:
         clf = load_classifier(args.policy, backbone=args.backbone)

@@ -23,6 +23,7 @@ import yaml
 
 from backbone.data import DataError
 from backbone.fileio import write_json_and_markdown
+from backbone.option_checks import int_at_least
 from envs import get_observation, make_vec_env
 from policy.config import DEFAULT_POLICY_CONFIG, build_policy_config, check_penalties
 from policy.controller import actor_flops
@@ -147,21 +148,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="PolicyConfig overrides per variant, key=value[,key=value]; e.g. ent_coef=0.01 "
                         "ent_coef=0.001 (the first is the one the others are compared with)")  # fmt: skip
     parser.add_argument("--penalty", type=float, default=0.3, help="FLOPs penalty (default 0.3)")
-    parser.add_argument("--folds", type=int, default=5, help="number of folds of policy-train (default 5)")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of the fold split (default 1234)")
-    parser.add_argument("--timesteps", type=int, help="PPO timesteps per fold (default: the config's)")
+    parser.add_argument("--folds", type=int_at_least(2), default=5, help="number of folds of policy-train (default 5)")
+    parser.add_argument("--seed", type=int_at_least(0), default=1234, help="seed of the fold split (default 1234)")
+    parser.add_argument("--timesteps", type=int_at_least(1), help="PPO timesteps per fold (default: the config's)")
     parser.add_argument("--out", default="runs/recipe_cv", help="folder for recipe_cv.{json,md} (runs/recipe_cv)")
     parser.add_argument("--config", default=str(DEFAULT_POLICY_CONFIG), help="PolicyConfig YAML the variants override")
     parser.add_argument("--backbone", help="backbone .safetensors (default: the shipped checkpoint)")
     parser.add_argument("--data", help="fmnist (default) or an image-folder root ROOT/<split>/<class>/<image>")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder")
-    parser.add_argument("--train-limit", type=int, help="first N policy-train images only (smoke tests)")
+    parser.add_argument("--train-limit", type=int_at_least(0), help="first N policy-train images only (smoke tests)")
     parser.add_argument("--cache-dir", help="outcome-table cache folder")
     args = parser.parse_args(argv)
     try:
         check_penalties([args.penalty])
-        if args.folds < 2:
-            raise ValueError(f"--folds must be >= 2, got {args.folds}")
         result = run_cv(args)
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

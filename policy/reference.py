@@ -28,6 +28,7 @@ from torch import nn
 
 from backbone.data import DataError
 from backbone.fileio import write_json_and_markdown
+from backbone.option_checks import int_at_least
 from envs import get_observation
 from policy.config import DEFAULT_POLICY_CONFIG, build_policy_config, check_penalties
 from policy.controller import mlp_actor_flops
@@ -209,10 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--penalties", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
                         help="FLOPs penalties to choose settings at; one fitted network serves all "
                         "(default: 0.003 0.01 0.03 0.1 0.3 1)")  # fmt: skip
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+    parser.add_argument("--seeds", type=int_at_least(0), nargs="+", default=[0, 1, 2],
                         help="one network per seed, its hold-out split and init (default: 0 1 2)")  # fmt: skip
-    parser.add_argument("--hidden", type=int, default=128, help="width of the network's two hidden layers (128)")
-    parser.add_argument("--epochs", type=int, default=60, help="training epochs; the best on the hold-out is kept (60)")
+    parser.add_argument(
+        "--hidden", type=int_at_least(1), default=128, help="width of the network's two hidden layers (128)"
+    )
+    parser.add_argument(
+        "--epochs", type=int_at_least(1), default=60, help="training epochs; the best on the hold-out is kept (60)"
+    )
     parser.add_argument("--ablation", help="an ablation.json whose seed-0 PPO controllers are printed alongside")
     parser.add_argument("--out", default="runs/reference", help="folder for reference.{json,md} (runs/reference)")
     parser.add_argument("--backbone", help="backbone .safetensors (default: the shipped checkpoint)")
@@ -220,14 +225,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="PolicyConfig YAML: observation and data (default: configs/policy.yaml)")  # fmt: skip
     parser.add_argument("--data", help="fmnist (default) or an image-folder root ROOT/<split>/<class>/<image>")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder")
-    parser.add_argument("--train-limit", type=int, help="first N policy-train images only (smoke tests)")
-    parser.add_argument("--eval-limit", type=int, help="first N test images only (smoke tests)")
+    parser.add_argument("--train-limit", type=int_at_least(0), help="first N policy-train images only (smoke tests)")
+    parser.add_argument("--eval-limit", type=int_at_least(0), help="first N test images only (smoke tests)")
     parser.add_argument("--cache-dir", help="outcome-table cache folder")
     args = parser.parse_args(argv)
     try:
         check_penalties(args.penalties)
-        if args.epochs < 1 or args.hidden < 1:
-            raise ValueError(f"--epochs and --hidden must be >= 1, got {args.epochs} and {args.hidden}")
         if args.ablation and not Path(args.ablation).is_file():
             raise FileNotFoundError(f"ablation file not found: {args.ablation}")
         result = run_reference(args)

@@ -62,9 +62,10 @@ def resolve_run(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
 def check_compatible(sidecar: dict[str, Any], backbone_sha256: str, grid: SettingsGrid, observation: str) -> None:
     """Raise ValueError with a one-line reason if the controller does not belong to this backbone/grid/spec."""
     if sidecar.get("backbone_sha256") != backbone_sha256:
+        trained_on = sidecar.get("backbone_path") or "the shipped checkpoint"  # None in policy.json = shipped
         raise ValueError(
-            f"controller was trained for backbone sha256 {str(sidecar.get('backbone_sha256'))[:12]}..., "
-            f"not {backbone_sha256[:12]}... ({sidecar.get('backbone_path')}); use the backbone it was trained with"
+            f"controller was trained for backbone sha256 {str(sidecar.get('backbone_sha256'))[:12]}... "
+            f"({trained_on}), not {backbone_sha256[:12]}...; use the backbone it was trained with"
         )
     if not grid.matches(sidecar.get("grid") or {}):
         raise ValueError(f"controller settings grid {sidecar.get('grid')} differs from the backbone's {grid.to_json()}")

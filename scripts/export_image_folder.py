@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from backbone.data import FASHION_MNIST_CLASSES, DataError, load_split
+from backbone.option_checks import int_at_least
 
 FOLDER_OF = {"backbone-train": "train", "policy-train": "policy-train", "test": "test"}
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="root folder to write into")
     parser.add_argument("--splits", nargs="+", default=["test"], choices=list(FOLDER_OF), help="splits to write")
-    parser.add_argument("--limit", type=int, default=0, help="first N images of each split only (0 = all)")
+    parser.add_argument("--limit", type=int_at_least(0), default=0, help="first N images of each split only (0 = all)")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: $ADAPERCEIVER_DATA_DIR or Debian's path)")
     args = parser.parse_args(argv)
     try:

@@ -18,8 +18,9 @@ def _module_name(path: Path) -> str:
 
 
 def _is_command(source: str) -> bool:
-    """A module with a ``__main__`` block or an argparse parser is a command line, a leaf nothing may import."""
-    return "__main__" in source or "argparse" in source
+    """A module with a ``__main__`` block or an argparse parser is a command line, a leaf nothing may import (one
+    that only offers argparse types, ``backbone.option_checks``, is a library)."""
+    return "__main__" in source or "ArgumentParser(" in source
 
 
 def _imports(source: str) -> set[str]:

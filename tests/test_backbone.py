@@ -584,8 +584,10 @@ def test_bad_setting_in_forward_all_and_flops(model: AdaPerceiver, images: torch
         (torch.tensor([0.0, float("inf")]).repeat(392).view(1, 1, 28, 28), r"NaN or infinite"),
         (torch.rand(0, 1, 28, 28), r"empty batch"),
         (torch.zeros(2, 1, 28, 28, dtype=torch.uint8), r"float images scaled to \[0, 1\], got dtype torch\.uint8"),
+        (torch.rand(2, 1, 28, 28) * 255, r"scaled to \[0, 1\], got values in \[.*\] \(0-255 pixels: divide by 255"),
+        (torch.rand(2, 1, 28, 28) - 0.5, r"scaled to \[0, 1\], got values in \[-0\.\d+"),  # mean/std applied
     ],
-    ids=["channels", "3-D", "5-D", "size", "nan", "inf", "empty", "uint8"],
+    ids=["channels", "3-D", "5-D", "size", "nan", "inf", "empty", "uint8", "0-255", "normalised"],
 )
 def test_bad_input_is_refused(model: AdaPerceiver, x: torch.Tensor, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -183,6 +183,7 @@ def test_resume_from_another_backbone_is_refused(work, run: Path) -> None:
              "--train-limit", "300", "--eval-limit", "200", "--no-progress")  # fmt: skip
     assert r.returncode != 0
     assert "trained for backbone sha256" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert f"({Path(work['backbone']).resolve()}), not " in r.stderr  # names the backbone to use, not the refused one
 
 
 # --- compute-saving inference --------------------------------------------------------------------------------------
@@ -507,8 +508,10 @@ def test_stem_layout_benchmark_times_both_layouts_with_equal_labels(run: Path, t
      ("policy.ablation", "--iso-drop", "-1")],
 )  # fmt: skip
 def test_commands_refuse_a_bad_count_in_one_line(module: str, flag: str, value: str) -> None:
+    """One error line naming the flag (after argparse's usage lines when argparse itself refuses it), exit 2."""
     r = _cli("-m", module, flag, value)
-    assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and len(errors) == 1 and flag in errors[0] and r.stderr.strip().endswith(errors[0])
 
 
 def test_missing_run_folder_is_named(tmp_path) -> None:
@@ -566,8 +569,9 @@ def test_recipe_cv_refuses_bad_variants_in_one_line(work, tmp_path, capsys) -> N
         assert recipe_cv.main([*common, "--variants", *variants]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and len(err.splitlines()) == 1, err
-    assert recipe_cv.main([*common, "--folds", "1", "--variants", "ent_coef=0"]) == 2
-    assert "--folds" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        recipe_cv.main([*common, "--folds", "1", "--variants", "ent_coef=0"])
+    assert done.value.code == 2 and "--folds: must be an integer >= 2" in capsys.readouterr().err
 
 
 def test_outcome_table_subset_keeps_the_rows_it_names(work) -> None:
