@@ -96,6 +96,17 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
         "cache_dir": args.cache_dir,
     }
     cfg = build_policy_config(**base)
+    given = {}
+    for run in args.policies or []:
+        _, side = resolve_run(run)
+        if side.get("controller") == "cascade":
+            raise ValueError(f"{run} is a probe cascade: the ablation fits its own for every penalty (--policies "
+                             "takes PPO runs)")  # fmt: skip
+        given[(side.get("controller", "oneshot"), float(side["flops_penalty"]), int(side["seed"]))] = Path(run)
+    penalties = sorted(set(args.penalties) | {p for _, p, _ in given})
+    if args.headline_penalty not in penalties:  # its extra seeds and the allocation plot would silently be missing
+        raise ValueError(f"--headline-penalty {args.headline_penalty:g} is not one of the penalties "
+                         f"{penalties}; add it to --penalties")  # fmt: skip
     model = load_backbone_for(cfg.backbone)
     table = outcome_table(model, cfg, cfg.eval_split, cfg.eval_limit)
     grid = table.grid
@@ -107,14 +118,6 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
     train = outcome_table(model, cfg, cfg.train_split, cfg.train_limit)
     val_acc = train.accuracy()  # for the fair front
 
-    given = {}
-    for run in args.policies or []:
-        _, side = resolve_run(run)
-        if side.get("controller") == "cascade":
-            raise ValueError(f"{run} is a probe cascade: the ablation fits its own for every penalty (--policies "
-                             "takes PPO runs)")  # fmt: skip
-        given[(side.get("controller", "oneshot"), float(side["flops_penalty"]), int(side["seed"]))] = Path(run)
-    penalties = sorted(set(args.penalties) | {p for _, p, _ in given})
     cascades = {p: choose_cascade(model, train, table, p) for p in penalties}
     for c in cascades.values():  # the cascade controller (train_policy.py --controller cascade) against the baselines
         c.update(baselines_at(table, c["metrics"], c["actions"], val_acc, early_front, args.seed))

@@ -107,3 +107,13 @@ def test_checks_accept_the_edges_of_their_ranges() -> None:
     for bad in (float("inf"), True, "0.5", -1e-9):
         with pytest.raises(ValueError):
             check_number("x", bad)
+
+
+def test_ablation_refuses_a_headline_penalty_it_would_not_train(capsys) -> None:
+    """A headline penalty outside the sweep used to leave the headline row and the allocation plot silently empty."""
+    from policy.ablation import main
+
+    assert main(["--penalties", "0.1", "1", "--headline-penalty", "0.3", "--out", "/nonexistent/never-written"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --headline-penalty 0.3 is not one of the penalties [0.1, 1.0]; add it to --penalties"
+    )
