@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backbone.distributed import local_device
 from backbone.fileio import packaged_file
 from backbone.option_checks import check_int, check_number
 from backbone.settings_io import build_dataclass, load_yaml, merge
@@ -84,6 +85,8 @@ class PolicyConfig:
         check_number("max_grad_norm", self.max_grad_norm, 0.0, low_open=True)
         for name in ("ent_coef", "vf_coef"):
             check_number(name, getattr(self, name), 0.0)
+        for name in ("device", "table_device"):  # one line, not a torch traceback or SB3's silent fall back to cpu
+            local_device(getattr(self, name))
         if not isinstance(self.net_arch, list) or not self.net_arch:
             raise ValueError(f"net_arch must be a non-empty list of layer sizes, got {self.net_arch!r}")
         for size in self.net_arch:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 
 import pytest
+import torch
 
 from backbone.option_checks import check_int, check_number, int_at_least
 from backbone.training import TrainConfig
@@ -86,6 +87,8 @@ def test_backbone_train_command_refuses_a_bad_field_before_loading_data(capsys) 
         ("net_arch", [], "net_arch must be a non-empty list"),
         ("timesteps", "1e5", "timesteps must be an integer >= 1"),  # YAML reads 1e5 as a string
         ("seed", -1, "seed must be an integer >= 0"),
+        ("device", "gpu0", "device 'gpu0': not a torch device"),  # was a RuntimeError traceback
+        ("table_device", "nope" if torch.cuda.is_available() else "cuda:0", "device '"),  # a CUDA-init traceback
     ],
 )
 def test_policy_config_refuses_out_of_range_fields(field, value, message) -> None:
