@@ -4,6 +4,8 @@ the backbone's and the controller's configs (``backbone.option_checks``)."""
 from __future__ import annotations
 
 import importlib
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +38,15 @@ BAD_FLAGS = [
     ("benchmarks.stem_layout", ["--policy", RUN], "--batch-size", "0"),
     ("policy.benchmark", ["--policy", RUN], "--threads", "two"),
 ]
+
+
+def test_no_command_takes_an_integer_flag_without_a_range() -> None:
+    """Every integer flag is parsed by ``int_at_least`` (the list above samples them; this catches a new one)."""
+    repo = Path(__file__).resolve().parent.parent
+    sources = [p for d in ("backbone", "envs", "policy", "benchmarks", "scripts") for p in (repo / d).rglob("*.py")]
+    plain = [f"{p.relative_to(repo)}:{n}" for p in sources for n, line in enumerate(p.read_text().splitlines(), 1)
+             if re.search(r"(?<![a-z_])type=int\b(?!_)", line)]  # fmt: skip
+    assert len(sources) > 50 and not plain, plain
 
 
 @pytest.mark.parametrize(("module", "needed", "flag", "value"), BAD_FLAGS)
