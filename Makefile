@@ -72,12 +72,20 @@ results: install
 	$(PY) -m benchmarks.bench_env --json $(RESULTS)/bench_env.json
 	$(PY) -m benchmarks.bench_train_step --model adaperceiver_fmnist_stages --json $(RESULTS)/bench_train_step.json
 	for i in 1 2 3; do $(PY) -m policy.benchmark --policy $(RESULTS)/demo_p0.3 --json $(RESULTS)/bench_adaptive_p0.3/run$$i.json; done
+	for i in 1 2 3; do $(PY) -m policy.benchmark --policy $(RESULTS)/demo_p0.3 --processes 2 \
+		--json $(RESULTS)/bench_adaptive_p0.3/processes2_run$$i.json; done
+	for t in 1 2; do $(PY) -m policy.benchmark --policy $(RESULTS)/demo_p0.3 --threads $$t --batch-sizes 256 \
+		--json $(RESULTS)/bench_adaptive_p0.3/threads$$t.json; done
+	for t in 1 2; do OMP_NUM_THREADS=$$t $(PY) -m benchmarks.profile_adaptive --policy $(RESULTS)/demo_p0.3 --batch-size 256 \
+		--out $(RESULTS)/profile/threads$${t}_batch256.txt; done
 	for i in 1 2 3; do $(PY) -m policy.benchmark --policy $(RESULTS)/sequential_p0.3 --json $(RESULTS)/bench_sequential_p0.3/run$$i.json; done
 	for b in 256 1; do $(PY) -m benchmarks.profile_adaptive --policy $(RESULTS)/demo_p0.3 --batch-size $$b --out $(RESULTS)/profile/after_batch$$b.txt; done
 	for i in 1 2 3; do $(PY) -m benchmarks.compile_front --policy $(RESULTS)/demo_p0.3 --json $(RESULTS)/compile_front/run$$i.json; done
 	rm -rf $(RESULTS)/cascade_p0.3
 	$(PY) train_policy.py --controller cascade --flops-penalty 0.3 --seed 0 --out $(RESULTS)/cascade_p0.3 --no-progress
 	for i in 1 2 3; do $(PY) -m policy.benchmark --policy $(RESULTS)/cascade_p0.3 --json $(RESULTS)/bench_cascade_p0.3/run$$i.json; done
+	for i in 1 2 3; do $(PY) -m policy.benchmark --policy $(RESULTS)/cascade_p0.3 --processes 2 \
+		--json $(RESULTS)/bench_cascade_p0.3/processes2_run$$i.json; done
 	for b in 256 1; do $(PY) -m benchmarks.profile_adaptive --policy $(RESULTS)/cascade_p0.3 --batch-size $$b --out $(RESULTS)/profile/cascade_batch$$b.txt; done
 	for r in demo_p0.3 cascade_p0.3; do $(PY) -m benchmarks.stem_layout --policy $(RESULTS)/$$r --json $(RESULTS)/stem_layout/$$r.json; done
 

@@ -779,3 +779,84 @@ def test_blocks_of_mixed_depths_widths_and_probe_rows_equal_each_row_alone(run: 
             start = int(past_block1[i])
             want = model.forward_blocks(latents[i : i + 1], start, max(int(depth[i]), start), int(widths[i]))
             torch.testing.assert_close(out[i : i + 1], want, atol=1e-5, rtol=1e-5)
+
+
+# --- policy.core_pool: batches on worker processes ----------------------------------------------------------------
+
+
+def _same_prediction(got, want) -> None:
+    assert torch.equal(got.labels, want.labels) and got.settings == want.settings
+    np.testing.assert_array_equal(got.actions, want.actions)
+    np.testing.assert_array_equal(got.flops, want.flops)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_core_pool_gives_what_the_classifier_gives_here_in_input_order(run: Path, images: torch.Tensor) -> None:
+    """Every method, through the shared slots and (a batch larger than a slot) pickled instead."""
+    from policy.core_pool import CorePool
+
+    clf = AdaptiveClassifier.load(run)
+    sizes = [7, 1, 16, 5, 8, 3]  # 16 does not fit a slot of 8
+    batches = list(images[: sum(sizes)].split(sizes))
+    with CorePool(clf, processes=2, batch_size=8) as pool, torch.no_grad():
+        got = list(pool.map("predict", batches))
+        assert len(got) == len(batches)
+        for g, b in zip(got, batches, strict=True):
+            _same_prediction(g, clf.predict(b))
+        for g, b in zip(pool.map("full", batches[:3]), batches[:3], strict=True):
+            torch.testing.assert_close(g, clf.backbone(b), atol=1e-5, rtol=1e-5)
+        for g, b in zip(pool.map("front", batches[:3]), batches[:3], strict=True):
+            np.testing.assert_array_equal(g, clf.front(b)[-1])
+        assert list(pool.map("predict", [])) == []
+
+
+def test_core_pool_raises_a_workers_error_here_and_keeps_working(run: Path, images: torch.Tensor) -> None:
+    from policy.core_pool import CorePool
+
+    clf = AdaptiveClassifier.load(run)
+    nan = images[:4].clone()
+    nan[1, 0, 3, 3] = float("nan")
+    cropped = images[:4, :, :20]  # does not fit a slot: pickled, refused by the model as here
+    with CorePool(clf, processes=2, batch_size=8) as pool:
+        for bad in (nan, cropped):
+            with pytest.raises(ValueError) as here:
+                clf.predict(bad)
+            with pytest.raises(ValueError) as there:
+                list(pool.map("predict", [images[:8], bad, images[8:16], images[16:24]]))
+            assert str(there.value) == str(here.value)
+        _same_prediction(next(pool.map("predict", [images[:8]])), clf.predict(images[:8]))  # stale results skipped
+        with pytest.raises(ValueError, match="unknown method 'train'"):
+            next(pool.map("train", [images[:8]]))
+    with pytest.raises(RuntimeError, match="closed"):
+        next(pool.map("predict", [images[:8]]))
+
+
+def test_core_pool_names_a_dead_worker_instead_of_waiting_forever(run: Path, images: torch.Tensor) -> None:
+    import signal
+
+    from policy.core_pool import CorePool
+
+    pool = CorePool(AdaptiveClassifier.load(run), processes=2, batch_size=8)
+    os.kill(pool._workers[0].pid, signal.SIGKILL)
+    pool._workers[0].join()
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"worker died \(exit code -9\)"):
+        list(pool.map("predict", [images[i : i + 8] for i in range(0, 64, 8)]))
+    assert time.perf_counter() - t0 < 30 and not pool._workers  # closed, the other worker stopped
+
+
+def test_benchmark_with_worker_processes_takes_the_full_settings_faster_way(run: Path, tmp_path) -> None:
+    path = tmp_path / "bench.json"
+    r = _cli("-m", "policy.benchmark", "--policy", str(run), "--limit", "64", "--limit-batch1", "4", "--repeats", "2",
+             "--batch-sizes", "16", "1", "--processes", "2", "--matmul-size", "128", "--json", str(path))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    pooled, single = json.loads(path.read_text())["rows"]
+    assert (pooled["processes"], single["processes"]) == (2, 1) and "full_pool_img_s_runs" not in single
+    ways = zip(pooled["full_pool_img_s_runs"], pooled["full_in_process_img_s_runs"], strict=True)
+    fastest = [max(a, b) for a, b in ways]
+    assert pooled["full_img_s_runs"] == fastest and pooled["full_img_s"] == statistics.median(fastest)
+    ratios = [a / f for a, f in zip(pooled["adaptive_img_s_runs"], fastest, strict=True)]
+    assert pooled["speedup"] == pytest.approx(statistics.median(ratios))
+    here = zip(pooled["adaptive_in_process_img_s_runs"], pooled["full_in_process_img_s_runs"], strict=True)
+    assert pooled["speedup_in_process"] == pytest.approx(statistics.median([a / f for a, f in here]))
+    assert "in this process alone, same passes" in r.stdout

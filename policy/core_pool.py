@@ -1,0 +1,170 @@
+"""Whole batches on every core at once: one worker process per core, one torch thread each.
+
+Adaptive inference is mostly small operators (the probe at 2 latents, a dozen rows per setting in every block),
+and a second intra-op thread hardly speeds them up: on the 2-core machine the p = 0.3 controller's blocks gain
+1.2x from it where the full setting's large matmuls gain 1.8x (``python -m benchmarks.profile_adaptive`` under
+``OMP_NUM_THREADS=1`` and ``2``). Giving each core its own process and its own batches scales both paths alike
+(``python -m policy.benchmark --processes 2``, docs/results). Throughput only: one image's latency cannot be split.
+
+Workers are forked from the caller, so they share the loaded classifier (copy on write) and start in a moment.
+Images go through slots of one shared-memory buffer mapped before the fork (the queues carry only slot numbers):
+piping a batch of 256 images through a queue kept the workers waiting 5-13 ms per batch on the 2-core machine, as
+long as a quarter of an adaptive batch's compute, because the parent's feeder thread needs a core to write it.
+Results (small) come back pickled, in input order; an error in a worker (a NaN image, say) is raised in the caller
+with the worker's message. Needs ``fork`` (Linux).
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import multiprocessing as mp
+import pickle
+import queue
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _run_full(classifier: Any, batch: torch.Tensor) -> torch.Tensor:
+    return classifier.backbone(batch)
+
+
+def _run_predict(classifier: Any, batch: torch.Tensor) -> Any:
+    return classifier.predict(batch)
+
+
+def _run_front(classifier: Any, batch: torch.Tensor) -> Any:
+    return classifier.front(batch)[-1]  # the chosen settings: what the front decides (its tensors stay home)
+
+
+METHODS = {"predict": _run_predict, "full": _run_full, "front": _run_front}
+
+
+def _serve(classifier: Any, slots: torch.Tensor, tasks: mp.Queue, results: mp.Queue) -> None:
+    """Worker loop: ``(call, index, method, slot, rows, pickled batch or None)`` in, ``(call, index, pickled output,
+    error)`` out, until ``None``. A batch that does not fit a slot (shape, dtype, size) comes pickled instead."""
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        for call, index, method, slot, rows, payload in iter(tasks.get, None):
+            try:
+                batch = slots[slot, :rows] if payload is None else pickle.loads(payload)
+                out = pickle.dumps(METHODS[method](classifier, batch), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as e:  # sent back whole (type and message), raised in the caller
+                results.put((call, index, None, (type(e).__name__, str(e))))
+            else:
+                results.put((call, index, out, None))
+
+
+class CorePool:
+    """``processes`` forked workers, each holding ``classifier`` and running whole batches with one torch thread.
+
+    ``batch_size`` is the largest batch the shared slots hold (larger or odd-shaped ones are pickled through the
+    queue instead: correct, slower). Use as a context manager (the workers stop on exit)::
+
+        with CorePool(clf, processes=2) as pool:
+            predictions = list(pool.map("predict", batches))
+    """
+
+    def __init__(self, classifier: Any, processes: int = 2, batch_size: int = 256, in_flight: int = 2) -> None:
+        if min(processes, batch_size, in_flight) < 1:
+            raise ValueError(f"need processes, batch_size, in_flight >= 1, got {processes}, {batch_size}, {in_flight}")
+        if "fork" not in mp.get_all_start_methods():
+            raise RuntimeError("CorePool forks its workers, which this platform cannot do; run in one process")
+        cfg = classifier.backbone.cfg
+        self.image_shape = (cfg.in_chans, cfg.img_size, cfg.img_size)
+        self.batch_size = batch_size
+        self.processes = processes
+        n_slots = in_flight * processes  # batches queued or running: enough to keep every core busy
+        self._buffer = mmap.mmap(-1, n_slots * batch_size * math.prod(self.image_shape) * 4)  # shared with forks
+        self._slots = torch.frombuffer(self._buffer, dtype=torch.float32).view(n_slots, batch_size, *self.image_shape)
+        self._slots_np = self._slots.numpy()  # the caller copies in with numpy: see _stage
+        self._free = list(range(n_slots))
+        ctx = mp.get_context("fork")
+        self._tasks, self._results = ctx.Queue(), ctx.Queue()
+        self._call = 0
+        self._workers = [
+            ctx.Process(target=_serve, args=(classifier, self._slots, self._tasks, self._results), daemon=True)
+            for _ in range(processes)
+        ]
+        for w in self._workers:
+            w.start()
+
+    def map(self, method: str, batches: Iterable[torch.Tensor]) -> Iterator[Any]:
+        """Outputs of ``method`` ("predict", "full" or "front") on each batch, in order, computed by the workers."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+        if not self._workers:
+            raise RuntimeError("this CorePool is closed")
+        self._call += 1
+        self._free = list(range(len(self._slots)))  # an abandoned call's batches are dropped below, unread
+        call, done, ready, sent, slot_of = self._call, {}, 0, 0, {}
+        batches = iter(batches)
+        exhausted = False
+        while True:
+            while not exhausted and self._free:
+                batch = next(batches, None)
+                if batch is None:
+                    exhausted = True
+                    break
+                slot_of[sent] = slot = self._free.pop()
+                self._tasks.put((call, sent, method, slot, len(batch), self._stage(batch, slot)))
+                sent += 1
+            if exhausted and ready == sent:
+                return
+            got, index, out, error = self._receive()
+            if got != call:  # left over from a call abandoned part-way (an error, or a generator not run out)
+                continue
+            self._free.append(slot_of.pop(index))
+            if error is not None:
+                kind, message = error
+                raise (ValueError if kind == "ValueError" else RuntimeError)(message)
+            done[index] = pickle.loads(out)
+            while ready in done:
+                yield done.pop(ready)
+                ready += 1
+
+    def _stage(self, batch: torch.Tensor, slot: int) -> bytes | None:
+        """Copy ``batch`` into ``slot`` (None returned), or pickle it when it does not fit one."""
+        fits = (
+            isinstance(batch, torch.Tensor)
+            and batch.dtype == torch.float32
+            and tuple(batch.shape[1:]) == self.image_shape
+            and 0 < len(batch) <= self.batch_size
+        )
+        if not fits:
+            return pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+        # numpy's copy runs on this thread alone; torch's copy_ would wake the caller's OpenMP threads, which then
+        # spin-wait on the cores the workers need (the caller used 44-80 ms of CPU per 8 batches of 256 that way)
+        np.copyto(self._slots_np[slot, : len(batch)], batch.detach().numpy())
+        return None
+
+    def _receive(self) -> tuple:
+        while True:
+            try:
+                return self._results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [w.exitcode for w in self._workers if not w.is_alive()]
+                if dead:
+                    self.close()
+                    raise RuntimeError(f"a CorePool worker died (exit code {dead[0]}); the pool is closed") from None
+
+    def close(self) -> None:
+        """Stop the workers (idempotent)."""
+        workers, self._workers = self._workers, []
+        for w in workers:
+            if w.is_alive():
+                self._tasks.put(None)
+        for w in workers:
+            w.join(timeout=5)
+            if w.is_alive():
+                w.terminate()
+                w.join()
+
+    def __enter__(self) -> CorePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
