@@ -21,7 +21,7 @@ import mmap
 import multiprocessing as mp
 import pickle
 import queue
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -44,14 +44,14 @@ METHODS = {"predict": _run_predict, "full": _run_full, "front": _run_front}
 
 
 def _serve(classifier: Any, slots: torch.Tensor, tasks: mp.Queue, results: mp.Queue) -> None:
-    """Worker loop: ``(call, index, method, slot, rows, pickled batch or None)`` in, ``(call, index, pickled output,
+    """Worker loop: ``(call, index, function, slot, rows, pickled batch or None)`` in, ``(call, index, pickled output,
     error)`` out, until ``None``. A batch that does not fit a slot (shape, dtype, size) comes pickled instead."""
     torch.set_num_threads(1)
     with torch.inference_mode():
         for call, index, method, slot, rows, payload in iter(tasks.get, None):
             try:
                 batch = slots[slot, :rows] if payload is None else pickle.loads(payload)
-                out = pickle.dumps(METHODS[method](classifier, batch), protocol=pickle.HIGHEST_PROTOCOL)
+                out = pickle.dumps(method(classifier, batch), protocol=pickle.HIGHEST_PROTOCOL)
             except Exception as e:  # sent back whole (type and message), raised in the caller
                 results.put((call, index, None, (type(e).__name__, str(e))))
             else:
@@ -92,10 +92,17 @@ class CorePool:
         for w in self._workers:
             w.start()
 
-    def map(self, method: str, batches: Iterable[torch.Tensor]) -> Iterator[Any]:
-        """Outputs of ``method`` ("predict", "full" or "front") on each batch, in order, computed by the workers."""
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    def map(self, method: str | Callable[[Any, torch.Tensor], Any], batches: Iterable[torch.Tensor]) -> Iterator[Any]:
+        """Outputs of ``method`` on each batch, in order, computed by the workers: "predict", "full" (the full
+        setting's logits), "front" (the settings chosen), or a module-level function ``f(classifier, batch)``."""
+        if isinstance(method, str):
+            if method not in METHODS:
+                raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+            method = METHODS[method]
+        try:  # the queue would pickle it in a background thread, where a failure is printed and the task lost
+            pickle.dumps(method)
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            raise ValueError(f"a CorePool method must be a module-level function, got {method!r}: {e}") from None
         if not self._workers:
             raise RuntimeError("this CorePool is closed")
         self._call += 1

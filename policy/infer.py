@@ -66,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int_at_least(0), default=2, help="DataLoader processes decoding images (default 2)"
     )
     parser.add_argument(
+        "--processes",
+        type=int_at_least(1),
+        default=1,
+        help="classify in this many worker processes of one thread each (policy.core_pool; default 1: in this "
+        "process with every torch thread); the reported compute time is then summed over them and divided by N",
+    )
+    parser.add_argument(
         "--no-full", action="store_true", help="skip timing the full setting on the same images (halves the work)"
     )
     parser.add_argument("--invert", action="store_true", help="invert gray levels (dark garment on light background)")
@@ -85,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             args.invert,
             compare_full=not args.no_full,
             progress=sys.stderr.isatty(),
+            processes=args.processes,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -111,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             f"({result.full_seconds / result.adaptive_seconds:.2f}x; same label as full on "
             f"{result.full_agrees / result.images:.1%})"
         )
-    print(f"{speed} (compute only, decoding excluded; batch {args.batch_size})")
+    where = f"; {args.processes} worker processes" if args.processes > 1 else ""
+    print(f"{speed} (compute only, decoding excluded; batch {args.batch_size}{where})")
     if args.json:
         write_json(args.json, rows, indent=1)
     return 0

@@ -3,13 +3,16 @@
 Worker processes decode the files while the main process classifies the previous batch, so a folder of any size
 runs in constant memory. Each batch is classified adaptively and (unless switched off) also at the full setting,
 the two timed back to back on the same tensors: the reported images/s are compute only, decoding excluded, so
-the comparison says what the controller saves, not how fast the disk is.
+the comparison says what the controller saves, not how fast the disk is. With ``processes > 1`` the batches are
+classified in that many worker processes of one thread each (:class:`policy.core_pool.CorePool`), each timing its
+own batches; the compute seconds are then summed over the workers and divided by their number.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +22,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from policy.adaptive import AdaptiveClassifier
+from policy.adaptive import AdaptiveClassifier, Prediction
+from policy.core_pool import CorePool
 
 
 class ImageFiles(Dataset):
@@ -71,6 +75,21 @@ class StreamResult:
         return len(self.labels)
 
 
+def classify(clf: AdaptiveClassifier, images: torch.Tensor) -> tuple[Prediction, float]:
+    """The adaptive prediction and its compute seconds."""
+    t0 = time.perf_counter()
+    pred = clf.predict(images)
+    return pred, time.perf_counter() - t0
+
+
+def classify_and_compare(clf: AdaptiveClassifier, images: torch.Tensor) -> tuple[Prediction, float, int, float]:
+    """:func:`classify`, then the full setting on the same tensor: how many labels agree, and its seconds."""
+    pred, seconds = classify(clf, images)
+    t0 = time.perf_counter()
+    full = clf.backbone(images).argmax(-1)
+    return pred, seconds, int((full == pred.labels).sum()), time.perf_counter() - t0
+
+
 def stream_predict(
     clf: AdaptiveClassifier,
     files: list[Path],
@@ -80,8 +99,10 @@ def stream_predict(
     invert: bool = False,
     compare_full: bool = True,
     progress: bool = True,
+    processes: int = 1,
 ) -> StreamResult:
-    """Classify ``files`` adaptively in batches read by ``workers`` processes; ValueError names an unreadable file."""
+    """Classify ``files`` adaptively in batches read by ``workers`` processes (and classified by ``processes``
+    worker processes when more than 1); ValueError names an unreadable file."""
     loader = DataLoader(
         ImageFiles(files, preprocess, invert),
         batch_size=batch_size,
@@ -89,21 +110,29 @@ def stream_predict(
         collate_fn=_collate,
         persistent_workers=False,
     )
-    out = StreamResult()
-    with torch.inference_mode(), tqdm(total=len(files), desc="classifying", unit="img", disable=not progress) as bar:
+
+    def batches() -> Iterator[torch.Tensor]:
         for images, bad in loader:
             if bad:
                 raise ValueError(bad)
-            t0 = time.perf_counter()
-            pred = clf.predict(images)
-            out.adaptive_seconds += time.perf_counter() - t0
-            if compare_full:
-                t0 = time.perf_counter()
-                full = clf.backbone(images).argmax(-1)
-                out.full_seconds += time.perf_counter() - t0
-                out.full_agrees += int((full == pred.labels).sum())
+            yield images
+
+    step = classify_and_compare if compare_full else classify
+    out = StreamResult()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        bar = stack.enter_context(tqdm(total=len(files), desc="classifying", unit="img", disable=not progress))
+        if processes > 1:
+            results = stack.enter_context(CorePool(clf, processes, batch_size)).map(step, batches())
+        else:
+            results = (step(clf, images) for images in batches())
+        for pred, seconds, *full in results:
+            out.adaptive_seconds += seconds / processes
+            if full:
+                out.full_agrees += full[0]
+                out.full_seconds += full[1] / processes
             out.labels += pred.labels.tolist()
             out.settings += pred.settings
             out.flops += np.asarray(pred.flops, dtype=float).tolist()
-            bar.update(len(images))
+            bar.update(len(pred.labels))
     return out

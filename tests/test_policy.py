@@ -290,16 +290,18 @@ def test_infer_cli_on_png_files(run: Path, images: torch.Tensor, tmp_path) -> No
     assert bad.returncode != 0 and "cannot read image" in bad.stderr
 
 
-def test_infer_streams_a_folder_through_workers(run: Path, images: torch.Tensor, tmp_path) -> None:
-    """A nested folder, several batches read by 2 worker processes: results in file order, equal to predicting the
-    whole batch at once, and a summary with both paths' images/s and the agreement with the full setting."""
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_infer_streams_a_folder_through_workers(run: Path, images: torch.Tensor, tmp_path, processes: str) -> None:
+    """A nested folder, several batches read by 2 worker processes (and classified in 1 or 2): results in file order,
+    equal to predicting the whole batch at once, and a summary with both paths' images/s and the agreement with the
+    full setting."""
     folder = tmp_path / "many"
     n = 37  # not a multiple of the batch size: the last batch is short
     for i in range(n):
         (folder / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
         Image.fromarray((images[i, 0].numpy() * 255).astype(np.uint8)).save(folder / f"c{i % 3}" / f"{i:03d}.png")
     r = _cli("-m", "policy.infer", "--policy", str(run), str(folder), "--batch-size", "8", "--workers", "2",
-             "--quiet", "--json", str(tmp_path / "out.json"))  # fmt: skip
+             "--processes", processes, "--quiet", "--json", str(tmp_path / "out.json"))  # fmt: skip
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "out.json").read_text())
     order = sorted(range(n), key=lambda i: (f"c{i % 3}", f"{i:03d}"))
@@ -314,7 +316,8 @@ def test_infer_streams_a_folder_through_workers(run: Path, images: torch.Tensor,
     assert "images/s vs full setting" in r.stdout and "\t" not in r.stdout  # --quiet: the summary only
     bad = folder / "c0" / "zz_broken.png"
     bad.write_bytes(b"not a png")
-    r = _cli("-m", "policy.infer", "--policy", str(run), str(folder), "--workers", "2", "--no-full")
+    r = _cli("-m", "policy.infer", "--policy", str(run), str(folder), "--workers", "2", "--no-full",
+             "--processes", processes)  # fmt: skip
     assert r.returncode == 2 and f"cannot read image {bad}" in r.stderr
 
 
@@ -827,6 +830,8 @@ def test_core_pool_raises_a_workers_error_here_and_keeps_working(run: Path, imag
         _same_prediction(next(pool.map("predict", [images[:8]])), clf.predict(images[:8]))  # stale results skipped
         with pytest.raises(ValueError, match="unknown method 'train'"):
             next(pool.map("train", [images[:8]]))
+        with pytest.raises(ValueError, match="must be a module-level function"):  # would be lost in the queue
+            next(pool.map(lambda clf, batch: clf.predict(batch), [images[:8]]))
     with pytest.raises(RuntimeError, match="closed"):
         next(pool.map("predict", [images[:8]]))
 
