@@ -21,6 +21,7 @@ import mmap
 import multiprocessing as mp
 import pickle
 import queue
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -46,6 +47,10 @@ METHODS = {"predict": _run_predict, "full": _run_full, "front": _run_front}
 def _serve(classifier: Any, slots: torch.Tensor, tasks: mp.Queue, results: mp.Queue) -> None:
     """Worker loop: ``(call, index, function, slot, rows, pickled batch or None)`` in, ``(call, index, pickled output,
     error)`` out, until ``None``. A batch that does not fit a slot (shape, dtype, size) comes pickled instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle (it stops the pool), not ours
+    # exit without flushing results nobody reads any more: a caller stopped mid-map (Ctrl-C, an error) leaves the
+    # pipe full, and a worker waiting to flush it would hold up close() until it is killed
+    results.cancel_join_thread()
     torch.set_num_threads(1)
     with torch.inference_mode():
         for call, index, method, slot, rows, payload in iter(tasks.get, None):
@@ -73,6 +78,9 @@ class CorePool:
             raise ValueError(f"need processes, batch_size, in_flight >= 1, got {processes}, {batch_size}, {in_flight}")
         if "fork" not in mp.get_all_start_methods():
             raise RuntimeError("CorePool forks its workers, which this platform cannot do; run in one process")
+        device = next(classifier.backbone.parameters()).device
+        if device.type != "cpu":
+            raise ValueError(f"CorePool runs on CPU cores; this classifier is on {device}")
         cfg = classifier.backbone.cfg
         self.image_shape = (cfg.in_chans, cfg.img_size, cfg.img_size)
         self.batch_size = batch_size
@@ -169,6 +177,8 @@ class CorePool:
             if w.is_alive():
                 w.terminate()
                 w.join()
+        if workers:
+            self._tasks.cancel_join_thread()  # tasks a dead worker left unread must not hold up this process's exit
 
     def __enter__(self) -> CorePool:
         return self

@@ -836,6 +836,48 @@ def test_core_pool_raises_a_workers_error_here_and_keeps_working(run: Path, imag
         next(pool.map("predict", [images[:8]]))
 
 
+def test_core_pool_workers_leave_ctrl_c_to_the_caller(run: Path, images: torch.Tensor) -> None:
+    """Ctrl-C in a terminal reaches every process of the group: the workers ignore it (no traceback from each), and
+    the caller's own handling stops the pool."""
+    import signal
+
+    from policy.core_pool import CorePool
+
+    clf = AdaptiveClassifier.load(run)
+    with CorePool(clf, processes=2, batch_size=8) as pool:
+        for w in pool._workers:
+            os.kill(w.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert all(w.is_alive() for w in pool._workers)
+        _same_prediction(next(pool.map("predict", [images[:8]])), clf.predict(images[:8]))
+
+
+def _megabyte_answer(clf, batch: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(len(batch), 2**18)  # 1 MiB per image: two answers fill a pipe
+
+
+def test_core_pool_closes_promptly_when_its_caller_stops_reading(run: Path, images: torch.Tensor) -> None:
+    """A map abandoned part-way (Ctrl-C, an error) leaves answers nobody reads: closing must not wait for them."""
+    from policy.core_pool import CorePool
+
+    pool = CorePool(AdaptiveClassifier.load(run), processes=2, batch_size=8)
+    answers = pool.map(_megabyte_answer, [images[i : i + 1] for i in range(16)])
+    assert next(answers).shape == (1, 2**18)
+    time.sleep(1)  # the workers answer the tasks in flight, which fills the pipe
+    t0 = time.perf_counter()
+    pool.close()
+    assert time.perf_counter() - t0 < 4  # each worker was joined, not killed after its 5 s
+
+
+def test_core_pool_refuses_a_classifier_off_the_cpu(run: Path) -> None:
+    from policy.core_pool import CorePool
+
+    clf = AdaptiveClassifier.load(run)
+    clf.backbone.to("meta")  # no GPU needed to be somewhere else
+    with pytest.raises(ValueError, match="runs on CPU cores; this classifier is on meta"):
+        CorePool(clf, processes=2)
+
+
 def test_core_pool_names_a_dead_worker_instead_of_waiting_forever(run: Path, images: torch.Tensor) -> None:
     import signal
 
