@@ -79,6 +79,8 @@ results: install
 	for t in 1 2; do OMP_NUM_THREADS=$$t $(PY) -m benchmarks.profile_adaptive --policy $(RESULTS)/demo_p0.3 --batch-size 256 \
 		--out $(RESULTS)/profile/threads$${t}_batch256.txt; done
 	for i in 1 2 3; do $(PY) -m policy.benchmark --policy $(RESULTS)/sequential_p0.3 --json $(RESULTS)/bench_sequential_p0.3/run$$i.json; done
+	for i in 1 2 3; do $(PY) -m policy.benchmark --policy $(RESULTS)/sequential_p0.3 --processes 2 \
+		--json $(RESULTS)/bench_sequential_p0.3/processes2_run$$i.json; done
 	for b in 256 1; do $(PY) -m benchmarks.profile_adaptive --policy $(RESULTS)/demo_p0.3 --batch-size $$b --out $(RESULTS)/profile/after_batch$$b.txt; done
 	for i in 1 2 3; do $(PY) -m benchmarks.compile_front --policy $(RESULTS)/demo_p0.3 --json $(RESULTS)/compile_front/run$$i.json; done
 	rm -rf $(RESULTS)/cascade_p0.3

@@ -1,17 +1,18 @@
 """Whole batches on every core at once: one worker process per core, one torch thread each.
 
 Adaptive inference is mostly small operators (the probe at 2 latents, a dozen rows per setting in every block),
-and a second intra-op thread hardly speeds them up: on the 2-core machine the p = 0.3 controller's blocks gain
-1.2x from it where the full setting's large matmuls gain 1.8x (``python -m benchmarks.profile_adaptive`` under
-``OMP_NUM_THREADS=1`` and ``2``). Giving each core its own process and its own batches scales both paths alike
+and a second intra-op thread speeds them up little: on the 2-core machine the p = 0.3 controller gains 1.38x from
+it (its blocks 1.24x) where the full setting's large matmuls gain 1.73x (``python -m policy.benchmark --threads 1``
+and ``2``; ``benchmarks.profile_adaptive`` under ``OMP_NUM_THREADS=1`` and ``2``). Giving each core its own process
+and its own batches gives the adaptive path 1.13-1.24x more at batch 256, and the full setting the same as before
 (``python -m policy.benchmark --processes 2``, docs/results). Throughput only: one image's latency cannot be split.
 
 Workers are forked from the caller, so they share the loaded classifier (copy on write) and start in a moment.
 Images go through slots of one shared-memory buffer mapped before the fork (the queues carry only slot numbers):
-piping a batch of 256 images through a queue kept the workers waiting 5-13 ms per batch on the 2-core machine, as
-long as a quarter of an adaptive batch's compute, because the parent's feeder thread needs a core to write it.
-Results (small) come back pickled, in input order; an error in a worker (a NaN image, say) is raised in the caller
-with the worker's message. Needs ``fork`` (Linux).
+piping a batch of 256 images through a queue kept the workers waiting 5-13 ms per batch on the 2-core machine (as
+measured while building this), a quarter to a half of an adaptive batch's compute, as the parent's feeder thread
+needs a core to write it. Results (small) come back pickled, in input order; an error in a worker (a NaN image, say)
+is raised in the caller with the worker's message. Needs ``fork`` (Linux).
 """
 
 from __future__ import annotations
