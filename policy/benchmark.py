@@ -1,4 +1,4 @@
-"""Wall-clock throughput of adaptive inference vs the full setting, measured in one process and one run.
+"""Wall-clock throughput of adaptive inference vs the full setting, both measured in the same run and passes.
 
     python -m policy.benchmark --policy runs/RUN [--batch-sizes 256 1] [--repeats 9]
 
