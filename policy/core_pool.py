@@ -90,7 +90,6 @@ class CorePool:
         self._buffer = mmap.mmap(-1, n_slots * batch_size * math.prod(self.image_shape) * 4)  # shared with forks
         self._slots = torch.frombuffer(self._buffer, dtype=torch.float32).view(n_slots, batch_size, *self.image_shape)
         self._slots_np = self._slots.numpy()  # the caller copies in with numpy: see _stage
-        self._free = list(range(n_slots))
         ctx = mp.get_context("fork")
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
         self._call = 0
@@ -115,17 +114,17 @@ class CorePool:
         if not self._workers:
             raise RuntimeError("this CorePool is closed")
         self._call += 1
-        self._free = list(range(len(self._slots)))  # an abandoned call's batches are dropped below, unread
+        free = list(range(len(self._slots)))  # every slot: an abandoned call's batches are dropped below, unread
         call, done, ready, sent, slot_of = self._call, {}, 0, 0, {}
         batches = iter(batches)
         exhausted = False
         while True:
-            while not exhausted and self._free:
+            while not exhausted and free:
                 batch = next(batches, None)
                 if batch is None:
                     exhausted = True
                     break
-                slot_of[sent] = slot = self._free.pop()
+                slot_of[sent] = slot = free.pop()
                 self._tasks.put((call, sent, method, slot, len(batch), self._stage(batch, slot)))
                 sent += 1
             if exhausted and ready == sent:
@@ -133,7 +132,7 @@ class CorePool:
             got, index, out, error = self._receive()
             if got != call:  # left over from a call abandoned part-way (an error, or a generator not run out)
                 continue
-            self._free.append(slot_of.pop(index))
+            free.append(slot_of.pop(index))
             if error is not None:
                 kind, message = error
                 raise (ValueError if kind == "ValueError" else RuntimeError)(message)

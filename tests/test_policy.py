@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from backbone.data import load_split
 from backbone.flops import flop_counter
 from backbone.settings import Setting
 from envs import get_observation, load_or_build
-from policy import AdaptiveClassifier, build_policy_config, load_classifier, train_controller
+from policy import AdaptiveClassifier, CorePool, build_policy_config, load_classifier, train_controller
 from policy.controller import choose_actions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -796,8 +797,6 @@ def _same_prediction(got, want) -> None:
 
 def test_core_pool_gives_what_the_classifier_gives_here_in_input_order(run: Path, images: torch.Tensor) -> None:
     """Every method, through the shared slots and (a batch larger than a slot) pickled instead."""
-    from policy.core_pool import CorePool
-
     clf = AdaptiveClassifier.load(run)
     sizes = [7, 1, 16, 5, 8, 3]  # 16 does not fit a slot of 8
     batches = list(images[: sum(sizes)].split(sizes))
@@ -814,8 +813,6 @@ def test_core_pool_gives_what_the_classifier_gives_here_in_input_order(run: Path
 
 
 def test_core_pool_raises_a_workers_error_here_and_keeps_working(run: Path, images: torch.Tensor) -> None:
-    from policy.core_pool import CorePool
-
     clf = AdaptiveClassifier.load(run)
     nan = images[:4].clone()
     nan[1, 0, 3, 3] = float("nan")
@@ -839,10 +836,6 @@ def test_core_pool_raises_a_workers_error_here_and_keeps_working(run: Path, imag
 def test_core_pool_workers_leave_ctrl_c_to_the_caller(run: Path, images: torch.Tensor) -> None:
     """Ctrl-C in a terminal reaches every process of the group: the workers ignore it (no traceback from each), and
     the caller's own handling stops the pool."""
-    import signal
-
-    from policy.core_pool import CorePool
-
     clf = AdaptiveClassifier.load(run)
     with CorePool(clf, processes=2, batch_size=8) as pool:
         for w in pool._workers:
@@ -858,8 +851,6 @@ def _megabyte_answer(clf, batch: torch.Tensor) -> torch.Tensor:
 
 def test_core_pool_closes_promptly_when_its_caller_stops_reading(run: Path, images: torch.Tensor) -> None:
     """A map abandoned part-way (Ctrl-C, an error) leaves answers nobody reads: closing must not wait for them."""
-    from policy.core_pool import CorePool
-
     pool = CorePool(AdaptiveClassifier.load(run), processes=2, batch_size=8)
     answers = pool.map(_megabyte_answer, [images[i : i + 1] for i in range(16)])
     assert next(answers).shape == (1, 2**18)
@@ -870,8 +861,6 @@ def test_core_pool_closes_promptly_when_its_caller_stops_reading(run: Path, imag
 
 
 def test_core_pool_refuses_a_classifier_off_the_cpu(run: Path) -> None:
-    from policy.core_pool import CorePool
-
     clf = AdaptiveClassifier.load(run)
     clf.backbone.to("meta")  # no GPU needed to be somewhere else
     with pytest.raises(ValueError, match="runs on CPU cores; this classifier is on meta"):
@@ -879,10 +868,6 @@ def test_core_pool_refuses_a_classifier_off_the_cpu(run: Path) -> None:
 
 
 def test_core_pool_names_a_dead_worker_instead_of_waiting_forever(run: Path, images: torch.Tensor) -> None:
-    import signal
-
-    from policy.core_pool import CorePool
-
     pool = CorePool(AdaptiveClassifier.load(run), processes=2, batch_size=8)
     os.kill(pool._workers[0].pid, signal.SIGKILL)
     pool._workers[0].join()
