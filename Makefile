@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data test test-slow lint demo bench results check-install clean
+.PHONY: install data test test-slow lint demo bench results bench-cpu-kind check-install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,29 @@ results: install
 		--json $(RESULTS)/bench_cascade_p0.3/processes2_run$$i.json; done
 	for b in 256 1; do $(PY) -m benchmarks.profile_adaptive --policy $(RESULTS)/cascade_p0.3 --batch-size $$b --out $(RESULTS)/profile/cascade_batch$$b.txt; done
 	for r in demo_p0.3 cascade_p0.3; do $(PY) -m benchmarks.stem_layout --policy $(RESULTS)/$$r --json $(RESULTS)/stem_layout/$$r.json; done
+
+# Issue 21's timings on this machine's CPU kind, into its own folders (about 30 minutes on 2 cores, one job at a
+# time): the PPO and cascade controllers in one process and in two worker processes, one and two threads, the
+# profiles, the full setting against matmul, and two rewrites of small operators that were not shipped. CPU_KIND
+# names the folders: amd_epyc (AVX512 with bf16) or amd_epyc_avx2 (AVX2 only), the two kinds measured so far; set it
+# by hand on another machine.
+CPU_KIND ?= $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo amd_epyc || echo amd_epyc_avx2)
+bench-cpu-kind: install
+	for i in 1 2 3; do \
+		$(PY) -m policy.benchmark --policy $(RESULTS)/demo_p0.3 --json $(RESULTS)/bench_adaptive_p0.3/$(CPU_KIND)/run$$i.json; \
+		$(PY) -m policy.benchmark --policy $(RESULTS)/demo_p0.3 --processes 2 \
+			--json $(RESULTS)/bench_adaptive_p0.3/$(CPU_KIND)/processes2_run$$i.json; done
+	for i in 1 2 3; do \
+		$(PY) -m policy.benchmark --policy $(RESULTS)/cascade_p0.3 --json $(RESULTS)/bench_cascade_p0.3/$(CPU_KIND)/run$$i.json; \
+		$(PY) -m policy.benchmark --policy $(RESULTS)/cascade_p0.3 --processes 2 \
+			--json $(RESULTS)/bench_cascade_p0.3/$(CPU_KIND)/processes2_run$$i.json; done
+	for t in 1 2; do $(PY) -m policy.benchmark --policy $(RESULTS)/demo_p0.3 --threads $$t --batch-sizes 256 \
+		--json $(RESULTS)/bench_adaptive_p0.3/$(CPU_KIND)/threads$$t.json; done
+	for b in 256 1; do $(PY) -m benchmarks.profile_adaptive --policy $(RESULTS)/demo_p0.3 --batch-size $$b \
+		--out $(RESULTS)/profile/$(CPU_KIND)/after_batch$$b.txt; done
+	$(PY) -m benchmarks.bench_backbone --model adaperceiver_fmnist_stages --json $(RESULTS)/bench_backbone_$(CPU_KIND).json
+	for t in 2 1; do $(PY) -m benchmarks.operator_variants --policy $(RESULTS)/demo_p0.3 --threads $$t \
+		--json $(RESULTS)/operator_variants/$(CPU_KIND)_threads$$t.json; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

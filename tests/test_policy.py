@@ -26,6 +26,7 @@ from PIL import Image
 from backbone import create_model, load_backbone, save_backbone
 from backbone.data import load_split
 from backbone.flops import flop_counter
+from backbone.layers.masks import block_causal_mask
 from backbone.settings import Setting
 from envs import get_observation, load_or_build
 from policy import AdaptiveClassifier, CorePool, build_policy_config, load_classifier, train_controller
@@ -506,10 +507,54 @@ def test_stem_layout_benchmark_times_both_layouts_with_equal_labels(run: Path, t
     assert result["predict_speedup"] == pytest.approx(statistics.median(ratios))
 
 
+def test_operator_variants_compute_what_they_replace() -> None:
+    """benchmarks.operator_variants: the fused conv+GELU stem and the explicit small attention equal the code they
+    stand in for (masked and unmasked, few keys and many), and the attention variant is really the one called."""
+    from benchmarks.operator_variants import SMALL_KEYS, fused_stem, small_attention
+
+    torch.manual_seed(0)
+    model = create_model("adaperceiver_test_stages").eval()
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        stem = model.stem
+        plain = [stem.features(x, 0, s) for s in stem.stages]
+        with fused_stem():
+            assert type(stem).features.__name__ == "_fused_features"
+            fused = [stem.features(x, 0, s) for s in stem.stages]
+            resumed = stem.features(fused[1], stem.stages[1], stem.stages[-1])
+    for a, b in zip(plain, fused, strict=True):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(resumed, plain[-1], atol=1e-5)
+    mask = block_causal_mask((2, 4, 8))
+    for keys, m in ((2, None), (8, mask), (SMALL_KEYS + 4, None)):
+        q, k, v = torch.randn(3, 6, 4, keys, 16)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m if keys == 8 else None)
+        with small_attention():
+            got = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m if keys == 8 else None)
+            assert torch.nn.functional.scaled_dot_product_attention.__name__ == "_explicit_attention"
+        assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.nn.functional.scaled_dot_product_attention.__name__ == "scaled_dot_product_attention"
+
+
+def test_operator_variants_benchmark_reports_paired_medians(run: Path, tmp_path) -> None:
+    path = tmp_path / "variants.json"
+    r = _cli("-m", "benchmarks.operator_variants", "--policy", str(run), "--images", "16", "--batch-size", "8",
+             "--repeats", "3", "--json", str(path))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(path.read_text())
+    assert all(c["same_labels"] and c["max_abs_logit_diff"] < 1e-4 for c in result["checks"].values())
+    runs = result["img_s_runs"]
+    assert set(runs) == {"as_is", "fused_stem", "small_attention"}
+    assert all(len(v) == 3 and min(v) > 0 for v in runs.values())
+    for name in ("fused_stem", "small_attention"):
+        ratios = [a / b for a, b in zip(runs[name], runs["as_is"], strict=True)]
+        assert result["speedup"][name] == pytest.approx(statistics.median(ratios))
+
+
 @pytest.mark.parametrize(
     ("module", "flag", "value"),
-    [("benchmarks.stem_layout", "--repeats", "0"), ("benchmarks.profile_adaptive", "--batch-size", "0"),
-     ("policy.ablation", "--iso-drop", "-1")],
+    [("benchmarks.stem_layout", "--repeats", "0"), ("benchmarks.operator_variants", "--images", "0"),
+     ("benchmarks.profile_adaptive", "--batch-size", "0"), ("policy.ablation", "--iso-drop", "-1")],
 )  # fmt: skip
 def test_commands_refuse_a_bad_count_in_one_line(module: str, flag: str, value: str) -> None:
     """One error line naming the flag (after argparse's usage lines when argparse itself refuses it), exit 2."""
