@@ -130,7 +130,6 @@ def test_every_command_runs_on_the_image_folder(pipeline) -> None:
     assert evaluated["samples"] == 6 and evaluated["data"] == str(pipeline["root"])
     assert json.loads((work / "bench.json").read_text())["rows"][0]["images"] == 12
     print(f"own-data pipeline: {pipeline['wall_s']:.1f} s for 7 commands")
-    assert pipeline["wall_s"] < 120
 
 
 def test_environment_takes_data(pipeline) -> None:
