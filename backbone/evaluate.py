@@ -19,9 +19,11 @@ from backbone.distributed import local_device
 from backbone.fileio import atomic_write, display_path, write_json, write_text
 from backbone.interrupt import exits_cleanly_on_ctrl_c
 from backbone.option_checks import int_at_least
-from backbone.pareto import significant_steps
+from backbone.pareto import cheapest_within, significant_steps
 from backbone.settings import Setting
 from backbone.sweep import accuracy_grid
+
+TOP_DROP = 0.001  # "as accurate as the full setting": within 0.1 points (issue 20's iso-accuracy tolerance)
 
 
 def write_report(rows: list[dict], meta: dict, out: Path, stem: str, compare: dict | None = None) -> dict[str, Path]:
@@ -31,10 +33,13 @@ def write_report(rows: list[dict], meta: dict, out: Path, stem: str, compare: di
     full = max(rows, key=lambda r: r["flops"])
     small = min(rows, key=lambda r: r["flops"])
     steps = significant_steps([r["flops"] for r in rows], [r["accuracy"] for r in rows], meta["samples"])
+    top = rows[cheapest_within([r["flops"] for r in rows], [r["accuracy"] for r in rows], TOP_DROP)]
     front = {
         "rise": full["accuracy"] - small["accuracy"],  # what the most compute buys over the least
         "smallest_flops_share": small["flops"] / full["flops"],
         "significant_steps": [str(Setting.of_row(rows[i])) for i in steps],  # rises by more than a standard error
+        "top_start": str(Setting.of_row(top)),  # the cheapest setting within TOP_DROP of the full one
+        "top_start_flops_share": top["flops"] / full["flops"],
     }
     write_json(paths["json"], {**meta, "front": front, "settings": rows}, indent=1)
     lines = [
@@ -48,6 +53,9 @@ def write_report(rows: list[dict], meta: dict, out: Path, stem: str, compare: di
         f"({full['flops'] / small['flops']:.1f}x fewer)",
         f"- rise full - smallest: **{front['rise'] * 100:.2f} points**; front settings each more accurate than the "
         f"last by more than a standard error: **{len(steps)}** ({', '.join(front['significant_steps'])})",
+        f"- the top of the front starts at {Setting.of_row(top)}, the cheapest setting within "
+        f"{TOP_DROP * 100:.1f} points of the full one: **{top['accuracy']:.2%}** at {top['flops'] / 1e6:.2f} MFLOPs "
+        f"({front['top_start_flops_share']:.1%} of the full setting's FLOPs)",
         "",
         "| setting | MFLOPs | accuracy | Pareto |",
         "|---|---:|---:|:---:|",

@@ -47,3 +47,15 @@ def significant_steps(cost: Sequence[float], accuracy: Sequence[float], samples:
         if p - accuracy[chain[-1]] > np.sqrt(p * (1 - p) / samples):
             chain.append(i)
     return np.asarray(chain, dtype=int)
+
+
+def cheapest_within(cost: Sequence[float], accuracy: Sequence[float], drop: float) -> int:
+    """Index of the cheapest point at most ``drop`` below the most expensive point's accuracy: where the top of the
+    front starts. A controller must undercut it to save compute at the full setting's accuracy (issue 20's
+    iso-accuracy point compares against it); the flatter the top, the cheaper it is."""
+    if drop < 0:
+        raise ValueError(f"drop must be >= 0, got {drop}")
+    cost, accuracy = np.asarray(cost, dtype=float), np.asarray(accuracy, dtype=float)
+    target = accuracy[np.argmax(cost)] - drop - 1e-12  # rounding: a point exactly `drop` below counts
+    ok = np.flatnonzero(accuracy >= target)
+    return int(ok[np.argmin(cost[ok])])

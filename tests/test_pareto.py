@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 
-from backbone.pareto import front_accuracy_at, pareto_front, significant_steps
+from backbone.evaluate import write_report
+from backbone.pareto import cheapest_within, front_accuracy_at, pareto_front, significant_steps
 
 
 def brute_force_front(cost: np.ndarray, accuracy: np.ndarray) -> list[int]:
@@ -81,3 +83,26 @@ def test_significant_steps_on_a_hand_made_front() -> None:
     assert significant_steps(cost, accuracy, 100).tolist() == [0, 3]  # fewer images: only the big step counts
     with pytest.raises(ValueError, match="samples must be >= 1"):
         significant_steps(cost, accuracy, 0)
+
+
+def test_cheapest_within_finds_where_the_top_starts() -> None:
+    cost = [1, 2, 3, 4, 5, 10]
+    accuracy = [0.80, 0.895, 0.899, 0.905, 0.90, 0.900]  # the full setting (cost 10) is not the most accurate
+    assert cheapest_within(cost, accuracy, 0.001) == 2  # 0.899 is exactly 0.1 points under 0.900: it counts
+    assert cheapest_within(cost, accuracy, 0.0) == 3  # at least as accurate as the full setting: 0.905
+    assert cheapest_within(cost, accuracy, 0.005) == 1
+    assert cheapest_within(cost, accuracy, 0.2) == 0
+    with pytest.raises(ValueError, match="drop must be >= 0"):
+        cheapest_within(cost, accuracy, -0.001)
+
+
+def test_evaluate_report_states_where_the_top_starts(tmp_path) -> None:
+    rows = [
+        {"tokens": 2, "depth": 1, "width": 16, "stage": s, "flops": f, "accuracy": a, "pareto": p}
+        for s, f, a, p in [(0, 1e6, 0.85, True), (1, 2e6, 0.8995, True), (2, 5e6, 0.902, True), (3, 1e8, 0.9, False)]
+    ]
+    meta = {"checkpoint": "x.safetensors", "sha256": "0" * 64, "split": "test", "samples": 10_000, "command": "c"}
+    paths = write_report(rows, meta, tmp_path, "eval_test")
+    front = json.loads(paths["json"].read_text())["front"]
+    assert front["top_start"] == "s1/2/1/16" and front["top_start_flops_share"] == pytest.approx(0.02)
+    assert "the top of the front starts at s1/2/1/16" in paths["md"].read_text()

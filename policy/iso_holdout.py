@@ -1,0 +1,145 @@
+"""Issue 20's iso-accuracy point judged on policy-train alone, by cross-validation: no test split.
+
+    python -m policy.iso_holdout --backbone runs/candidate/backbone.safetensors --out runs/iso_holdout
+
+The ablation fits the probe cascade aimed at the iso-accuracy point (the cheapest ``(tau, X)`` within ``--iso-drop``
+points of the full setting) on policy-train and checks it on test. To choose a backbone recipe or checkpoint by that
+point without looking at test, this splits policy-train into ``--folds`` folds, fits the cascade on all folds but
+one and runs it on the one held out, so that every image is judged by a cascade fitted without it. The pooled
+held-out accuracy and FLOPs (the probe included, priced as the ablation prices it) then go through the same
+``iso_check`` against policy-train's own fixed front: within 0.1 points of the full setting, >= 50% fewer FLOPs
+than it and >= 25% fewer than the cheapest fixed setting as accurate. The fit's own figures are printed too: the
+gap between the two is what choosing among every (tau, X) on the same images flatters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import numpy as np
+
+from backbone.data import DataError
+from backbone.fileio import write_json_and_markdown
+from backbone.option_checks import int_at_least
+from envs import get_observation
+from policy.cascade import OBSERVATION
+from policy.config import DEFAULT_POLICY_CONFIG, build_policy_config
+from policy.evaluation import choose_cascade, evaluate_actions, format_p, iso_check, paired_gap
+from policy.training import load_backbone_for, outcome_table
+
+
+def run_iso_holdout(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("backbone", "data", "data_dir", "cache_dir", "train_limit")
+    cfg = build_policy_config(args.config, observation=OBSERVATION, **{k: getattr(args, k) for k in keys})
+    model = load_backbone_for(cfg.backbone)
+    table = outcome_table(model, cfg, cfg.train_split, cfg.train_limit)
+    if len(table) < 2 * args.folds:
+        raise ValueError(f"{len(table)} samples are too few for {args.folds} folds")
+    folds = np.array_split(np.random.default_rng(args.seed).permutation(len(table)), args.folds)
+    spec = get_observation(OBSERVATION)
+    fixed = table.grid.table(table.accuracy())
+    full_correct = table.correct[(slice(None), *table.grid.full_index)]
+    rows = []
+    for drop in args.iso_drops:
+        actions = np.empty((len(table), table.grid.ndim), np.int64)
+        fits = []
+        for k, held in enumerate(folds):
+            rest = np.concatenate([f for j, f in enumerate(folds) if j != k])
+            chosen = choose_cascade(model, table.subset(rest), table.subset(held), accuracy_drop=drop / 100)
+            actions[held] = chosen["actions"]
+            fits.append({key: chosen[key] for key in ("tau", "setting", "train_accuracy", "train_mean_flops")})
+            fits[-1] |= {"held_out_accuracy": chosen["accuracy"], "held_out_mean_flops": chosen["mean_flops"]}
+        m = evaluate_actions(table, actions, spec.flops(model), spec.reused_flops(model))
+        outcome = table.correct[(np.arange(len(table)), *actions.T)]
+        row = {"iso_drop_points": drop, "accuracy": m["accuracy"], "mean_flops": m["mean_flops"]}
+        row |= iso_check(row, fixed) | paired_gap(full_correct, outcome) | {"folds": fits}
+        rows.append(row)
+    return {
+        "command": "python -m policy.iso_holdout " + " ".join(sys.argv[1:]),
+        "backbone_sha256": model.checkpoint_sha256,
+        "split": cfg.train_split,
+        "samples": len(table),
+        "folds": args.folds,
+        "seed": args.seed,
+        "full": {
+            "setting": str(table.grid.setting(table.grid.full_index)),
+            "accuracy": float(full_correct.mean()),
+            "flops": table.grid.full_flops,
+        },
+        "rows": rows,
+    }
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    full = result["full"]
+    lines = [
+        f"# Iso-accuracy by {result['folds']}-fold cross-validation on {result['split']} ({result['samples']} images)",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Backbone sha256: `{result['backbone_sha256']}`; folds drawn with seed {result['seed']}",
+        "",
+        f"Full setting {full['setting']}: {full['accuracy']:.2%} at {full['flops'] / 1e6:.2f} MFLOPs.",
+        "",
+        "| fitted within | held-out accuracy | MFLOPs | gap to full (95% interval, McNemar p) | saving vs full "
+        "| cheapest fixed as accurate | saving vs it | iso-accuracy |",
+        "|---:|---:|---:|---|---:|---|---:|:---:|",
+    ]
+    for r in result["rows"]:
+        lo, hi = r["gap_ci95"]
+        vs = r["saving_vs_cheapest_fixed_as_accurate"]
+        lines.append(
+            f"| {r['iso_drop_points']:g} points | {r['accuracy']:.2%} | {r['mean_flops'] / 1e6:.2f} "
+            f"| {r['gap'] * 100:+.2f} points ({lo * 100:+.2f}..{hi * 100:+.2f}, {format_p(r['mcnemar_p_vs_full'])}) "
+            f"| {r['saving_vs_full']:.1%} | {r['cheapest_fixed_as_accurate'] or 'none'} "
+            f"| {'-' if vs is None else f'{vs:.1%}'} | {'**met**' if r['meets_iso_accuracy'] else 'not met'} |"
+        )
+    lines += ["", "Per fold (fitted on the other folds, run on this one):", "",
+              "| fitted within | fold | tau | X | fit accuracy | fit MFLOPs | held-out accuracy | held-out MFLOPs |",
+              "|---:|---:|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+    for r in result["rows"]:
+        for k, f in enumerate(r["folds"]):
+            lines.append(
+                f"| {r['iso_drop_points']:g} | {k} | {f['tau']:g} | {f['setting']} | {f['train_accuracy']:.2%} "
+                f"| {f['train_mean_flops'] / 1e6:.2f} | {f['held_out_accuracy']:.2%} "
+                f"| {f['held_out_mean_flops'] / 1e6:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m policy.iso_holdout",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--backbone", help="backbone .safetensors (default: the shipped checkpoint)")
+    parser.add_argument("--iso-drops", type=float, nargs="+", default=[0.05],
+                        help="points under the full setting the cascade is fitted to, one row each (0.05)")  # fmt: skip
+    parser.add_argument("--folds", type=int_at_least(2), default=5, help="cross-validation folds (5)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the fold assignment (0)")
+    parser.add_argument("--out", default="runs/iso_holdout", help="folder for iso_holdout.{json,md}")
+    parser.add_argument("--config", default=str(DEFAULT_POLICY_CONFIG), help="PolicyConfig YAML: data and splits")
+    parser.add_argument("--data", help="fmnist (default) or an image-folder root ROOT/<split>/<class>/<image>")
+    parser.add_argument("--data-dir", help="Fashion-MNIST folder")
+    parser.add_argument("--train-limit", type=int_at_least(0), help="first N policy-train images only (smoke tests)")
+    parser.add_argument("--cache-dir", help="outcome-table cache folder")
+    args = parser.parse_args(argv)
+    try:
+        bad = [d for d in args.iso_drops if not 0 <= d < 100]
+        if bad:
+            raise ValueError(f"--iso-drops are points of accuracy in [0, 100), got {bad}")
+        result = run_iso_holdout(args)
+    except (ValueError, FileNotFoundError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    markdown = format_markdown(result)
+    print(markdown)
+    print("wrote " + ", ".join(map(str, write_json_and_markdown(args.out, "iso_holdout", result, markdown))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
