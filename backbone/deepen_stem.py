@@ -28,6 +28,7 @@ from backbone.checkpoint import DEFAULT_BACKBONE, load_backbone, save_backbone
 from backbone.fileio import display_path
 from backbone.interrupt import exits_cleanly_on_ctrl_c
 from backbone.model import AdaPerceiver
+from backbone.option_checks import int_at_least
 
 INIT_NOISE = 0.01  # std of the noise on the new convolution's near-identity start
 
@@ -78,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--checkpoint", default=str(DEFAULT_BACKBONE), help="trained backbone to deepen")
-    parser.add_argument("--channels", type=int, default=128, help="width of the new convolution (>= the last one's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the new convolution's small start noise")
+    parser.add_argument(
+        "--channels", type=int_at_least(1), default=128, help="width of the new convolution (>= the last one's)"
+    )
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the new convolution's start noise")
     parser.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
     args = parser.parse_args(argv)
     try:

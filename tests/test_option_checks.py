@@ -37,6 +37,8 @@ BAD_FLAGS = [
     ("benchmarks.profile_adaptive", ["--policy", RUN], "--rows", "0"),
     ("benchmarks.stem_layout", ["--policy", RUN], "--batch-size", "0"),
     ("policy.benchmark", ["--policy", RUN], "--threads", "two"),
+    ("backbone.deepen_stem", ["--out", "never.safetensors"], "--channels", "0"),
+    ("policy.iso_holdout", [], "--folds", "1"),
 ]
 
 
