@@ -32,8 +32,9 @@ def write_report(rows: list[dict], meta: dict, out: Path, stem: str, compare: di
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
     full = max(rows, key=lambda r: r["flops"])
     small = min(rows, key=lambda r: r["flops"])
-    steps = significant_steps([r["flops"] for r in rows], [r["accuracy"] for r in rows], meta["samples"])
-    top = rows[cheapest_within([r["flops"] for r in rows], [r["accuracy"] for r in rows], TOP_DROP)]
+    flops, accuracy = [r["flops"] for r in rows], [r["accuracy"] for r in rows]
+    steps = significant_steps(flops, accuracy, meta["samples"])
+    top = rows[cheapest_within(flops, accuracy, TOP_DROP)]
     front = {
         "rise": full["accuracy"] - small["accuracy"],  # what the most compute buys over the least
         "smallest_flops_share": small["flops"] / full["flops"],
