@@ -48,6 +48,7 @@ from policy.evaluation import (
     setting_prices,
     validation_selected,
 )
+from policy.report_cli import add_table_options
 from policy.sidecar import check_compatible, resolve_run
 from policy.training import controller_actions, load_backbone_for, outcome_table, train_controller
 
@@ -531,16 +532,12 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for ablation.json, ablation.md, pareto.png, compute_allocation.png (default: a new "
         "RUNS_DIR/report__<time>)",
     )
-    parser.add_argument("--data", help="fmnist (default) or an image-folder root ROOT/<split>/<class>/<image>")
-    parser.add_argument("--data-dir", help="Fashion-MNIST folder")
     parser.add_argument("--table-device", help="torch device of the backbone while outcome tables are built")
     parser.add_argument(
         "--table-batch-size", type=int_at_least(1), help="images per forward pass while building tables"
     )
     parser.add_argument("--workers", type=int_at_least(0), help="DataLoader workers reading image folders")
-    parser.add_argument("--train-limit", type=int_at_least(0), help="first N policy-train images only (smoke tests)")
-    parser.add_argument("--eval-limit", type=int_at_least(0), help="first N test images only (smoke tests)")
-    parser.add_argument("--cache-dir", help="outcome-table cache folder")
+    add_table_options(parser, eval_limit=True)
     args = parser.parse_args(argv)
     try:
         check_penalties(args.penalties)

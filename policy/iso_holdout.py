@@ -20,17 +20,19 @@ from typing import Any
 
 import numpy as np
 
-from backbone.data import DataError
-from backbone.fileio import write_json_and_markdown
 from backbone.option_checks import int_at_least
 from envs import get_observation
 from policy.cascade import OBSERVATION
 from policy.config import DEFAULT_POLICY_CONFIG, build_policy_config
 from policy.evaluation import choose_cascade, evaluate_actions, format_p, iso_check, paired_gap
+from policy.report_cli import add_table_options, print_and_write_report
 from policy.training import load_backbone_for, outcome_table
 
 
 def run_iso_holdout(args: argparse.Namespace) -> dict[str, Any]:
+    bad = [d for d in args.iso_drops if not 0 <= d < 100]
+    if bad:
+        raise ValueError(f"--iso-drops are points of accuracy in [0, 100), got {bad}")
     keys = ("backbone", "data", "data_dir", "cache_dir", "train_limit")
     cfg = build_policy_config(args.config, observation=OBSERVATION, **{k: getattr(args, k) for k in keys})
     model = load_backbone_for(cfg.backbone)
@@ -122,23 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the fold assignment (0)")
     parser.add_argument("--out", default="runs/iso_holdout", help="folder for iso_holdout.{json,md}")
     parser.add_argument("--config", default=str(DEFAULT_POLICY_CONFIG), help="PolicyConfig YAML: data and splits")
-    parser.add_argument("--data", help="fmnist (default) or an image-folder root ROOT/<split>/<class>/<image>")
-    parser.add_argument("--data-dir", help="Fashion-MNIST folder")
-    parser.add_argument("--train-limit", type=int_at_least(0), help="first N policy-train images only (smoke tests)")
-    parser.add_argument("--cache-dir", help="outcome-table cache folder")
+    add_table_options(parser)
     args = parser.parse_args(argv)
-    try:
-        bad = [d for d in args.iso_drops if not 0 <= d < 100]
-        if bad:
-            raise ValueError(f"--iso-drops are points of accuracy in [0, 100), got {bad}")
-        result = run_iso_holdout(args)
-    except (ValueError, FileNotFoundError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    markdown = format_markdown(result)
-    print(markdown)
-    print("wrote " + ", ".join(map(str, write_json_and_markdown(args.out, "iso_holdout", result, markdown))))
-    return 0
+    return print_and_write_report(lambda: run_iso_holdout(args), format_markdown, args.out, "iso_holdout")
 
 
 if __name__ == "__main__":

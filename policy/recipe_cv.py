@@ -21,13 +21,12 @@ import numpy as np
 import torch
 import yaml
 
-from backbone.data import DataError
-from backbone.fileio import write_json_and_markdown
 from backbone.option_checks import int_at_least
 from envs import get_observation, make_vec_env
 from policy.config import DEFAULT_POLICY_CONFIG, build_policy_config, check_penalties
 from policy.controller import actor_flops
 from policy.evaluation import choose_cascade, evaluate_actions, format_p, mcnemar_p, setting_prices
+from policy.report_cli import add_table_options, print_and_write_report
 from policy.training import controller_actions, load_backbone_for, new_ppo, outcome_table
 
 
@@ -43,6 +42,7 @@ def parse_variant(text: str) -> dict[str, Any]:
 
 
 def run_cv(args: argparse.Namespace) -> dict[str, Any]:
+    check_penalties([args.penalty])
     base = {"backbone": args.backbone, "data": args.data, "data_dir": args.data_dir, "cache_dir": args.cache_dir,
             "train_limit": args.train_limit, "flops_penalty": args.penalty, "timesteps": args.timesteps}  # fmt: skip
     variants = [(text, parse_variant(text)) for text in args.variants]
@@ -154,21 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/recipe_cv", help="folder for recipe_cv.{json,md} (runs/recipe_cv)")
     parser.add_argument("--config", default=str(DEFAULT_POLICY_CONFIG), help="PolicyConfig YAML the variants override")
     parser.add_argument("--backbone", help="backbone .safetensors (default: the shipped checkpoint)")
-    parser.add_argument("--data", help="fmnist (default) or an image-folder root ROOT/<split>/<class>/<image>")
-    parser.add_argument("--data-dir", help="Fashion-MNIST folder")
-    parser.add_argument("--train-limit", type=int_at_least(0), help="first N policy-train images only (smoke tests)")
-    parser.add_argument("--cache-dir", help="outcome-table cache folder")
+    add_table_options(parser)
     args = parser.parse_args(argv)
-    try:
-        check_penalties([args.penalty])
-        result = run_cv(args)
-    except (ValueError, FileNotFoundError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    markdown = format_markdown(result)
-    print(markdown)
-    print("wrote " + ", ".join(map(str, write_json_and_markdown(args.out, "recipe_cv", result, markdown))))
-    return 0
+    return print_and_write_report(lambda: run_cv(args), format_markdown, args.out, "recipe_cv")
 
 
 if __name__ == "__main__":

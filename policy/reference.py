@@ -26,13 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbone.data import DataError
-from backbone.fileio import write_json_and_markdown
 from backbone.option_checks import int_at_least
 from envs import get_observation
 from policy.config import DEFAULT_POLICY_CONFIG, build_policy_config, check_penalties
 from policy.controller import mlp_actor_flops
 from policy.evaluation import evaluate_actions, format_p, iso_accuracy, setting_prices, validation_selected
+from policy.report_cli import add_table_options, print_and_write_report
 from policy.training import load_backbone_for, outcome_table
 
 
@@ -109,6 +108,9 @@ def reference_actions(
 
 
 def run_reference(args: argparse.Namespace) -> dict[str, Any]:
+    check_penalties(args.penalties)
+    if args.ablation and not Path(args.ablation).is_file():
+        raise FileNotFoundError(f"ablation file not found: {args.ablation}")
     keys = ("backbone", "data", "data_dir", "train_limit", "eval_limit", "cache_dir")
     cfg = build_policy_config(config_path=args.config, **{k: getattr(args, k) for k in keys})
     model = load_backbone_for(cfg.backbone)
@@ -223,24 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", help="backbone .safetensors (default: the shipped checkpoint)")
     parser.add_argument("--config", default=str(DEFAULT_POLICY_CONFIG),
                         help="PolicyConfig YAML: observation and data (default: configs/policy.yaml)")  # fmt: skip
-    parser.add_argument("--data", help="fmnist (default) or an image-folder root ROOT/<split>/<class>/<image>")
-    parser.add_argument("--data-dir", help="Fashion-MNIST folder")
-    parser.add_argument("--train-limit", type=int_at_least(0), help="first N policy-train images only (smoke tests)")
-    parser.add_argument("--eval-limit", type=int_at_least(0), help="first N test images only (smoke tests)")
-    parser.add_argument("--cache-dir", help="outcome-table cache folder")
+    add_table_options(parser, eval_limit=True)
     args = parser.parse_args(argv)
-    try:
-        check_penalties(args.penalties)
-        if args.ablation and not Path(args.ablation).is_file():
-            raise FileNotFoundError(f"ablation file not found: {args.ablation}")
-        result = run_reference(args)
-    except (ValueError, FileNotFoundError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    markdown = format_markdown(result)
-    print(markdown)
-    print("wrote " + ", ".join(map(str, write_json_and_markdown(args.out, "reference", result, markdown))))
-    return 0
+    return print_and_write_report(lambda: run_reference(args), format_markdown, args.out, "reference")
 
 
 if __name__ == "__main__":
