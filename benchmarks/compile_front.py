@@ -6,6 +6,10 @@ batch 1, eager and compiled with inductor (``dynamic=False``, compiled once, war
 the bound each way; compiled outputs are checked against eager ones::
 
     python -m benchmarks.compile_front --policy docs/results/demo_p0.3 [--images 128] [--repeats 5]
+
+``--batch-size 256`` times the same at batch 256 (whole batches of the images only), where it says what compiling
+gains the full setting's large matmuls, against what ``benchmarks.operator_variants``'s ``compiled`` variant gains
+the adaptive path.
 """
 
 from __future__ import annotations
@@ -35,16 +39,17 @@ def front_logits(clf: AdaptiveClassifier, x: torch.Tensor) -> torch.Tensor:
     return obs if isinstance(clf.policy, ProbeCascade) else action_logits(clf.policy, obs)  # a cascade: one comparison
 
 
-def per_image_us(fn, images: list[torch.Tensor], repeats: int) -> float:
-    """Median over ``repeats`` passes of the mean time per call, one image per call, after one warm-up pass."""
-    for x in images:
+def per_image_us(fn, batches: list[torch.Tensor], repeats: int) -> float:
+    """Median over ``repeats`` passes of the time per image, one batch per call, after one warm-up pass."""
+    for x in batches:
         fn(x)
+    images = sum(len(x) for x in batches)
     passes = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for x in images:
+        for x in batches:
             fn(x)
-        passes.append((time.perf_counter() - t0) / len(images))
+        passes.append((time.perf_counter() - t0) / images)
     return statistics.median(passes) * 1e6
 
 
@@ -53,20 +58,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", required=True, help="one-shot run folder written by train_policy.py")
     parser.add_argument("--images", type=int_at_least(1), default=128, help="test images, one per call (default 128)")
     parser.add_argument("--repeats", type=int_at_least(1), default=5, help="timed passes (median reported; default 5)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=1, help="images per call (default 1)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     reuse_freed_memory()
     try:
         clf = AdaptiveClassifier.load(args.policy)
-        images = list(load_split("test").subset(args.images).as_float().split(1))
+        if args.images < args.batch_size:
+            raise ValueError(f"--images {args.images} is less than one batch of --batch-size {args.batch_size}")
+        whole = args.images - args.images % args.batch_size  # compiled with dynamic=False: one batch shape
+        images = list(load_split("test").subset(whole).as_float().split(args.batch_size))
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model = clf.backbone.eval()
     paths = {"full": model, "front": lambda x: front_logits(clf, x)}
     command = "python -m benchmarks.compile_front " + " ".join(sys.argv[1:] if argv is None else argv)
-    result: dict = {"policy": args.policy, "images": len(images), "repeats": args.repeats, "cpu": cpu_description(),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__, "command": command}  # fmt: skip
+    result: dict = {"policy": args.policy, "images": sum(len(x) for x in images), "batch_size": args.batch_size,
+                    "repeats": args.repeats, "cpu": cpu_description(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "command": command}  # fmt: skip
     with torch.inference_mode():
         for name, fn in paths.items():
             compiled = torch.compile(fn, dynamic=False)
@@ -78,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             result[f"{name}_compiled_us"] = per_image_us(compiled, images, args.repeats)
     for mode in ("eager", "compiled"):
         result[f"bound_{mode}"] = result[f"full_{mode}_us"] / result[f"front_{mode}_us"]
-    print(f"batch 1, {len(images)} images, {result['threads']} threads, {result['cpu']['model']}")
-    print("| path | eager us | compiled us | compile s | max diff |")
+    print(f"batch {args.batch_size}, {result['images']} images, {result['threads']} threads, {result['cpu']['model']}")
+    print("| path | eager us/image | compiled us/image | compile s | max diff |")
     print("|---|---:|---:|---:|---:|")
     for name in paths:
         print(f"| {name} | {result[f'{name}_eager_us']:.0f} | {result[f'{name}_compiled_us']:.0f} | "

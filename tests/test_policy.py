@@ -463,6 +463,10 @@ def test_compiled_front_and_full_setting_equal_eager(run: Path, tmp_path) -> Non
     result = json.loads(path.read_text())
     assert result["full_max_abs_diff"] < 1e-4 and result["front_max_abs_diff"] < 1e-4
     assert result["bound_eager"] == pytest.approx(result["full_eager_us"] / result["front_eager_us"])
+    assert result["batch_size"] == 1 and result["images"] == 2
+    r = _cli("-m", "benchmarks.compile_front", "--policy", str(run), "--images", "3", "--batch-size", "4")
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and len(errors) == 1 and "--batch-size" in errors[0]
 
 
 def test_profile_phases_time_predict_without_changing_it_and_put_the_functions_back(run: Path) -> None:
@@ -536,10 +540,34 @@ def test_operator_variants_compute_what_they_replace() -> None:
     assert torch.nn.functional.scaled_dot_product_attention.__name__ == "scaled_dot_product_attention"
 
 
+def test_compiled_variant_runs_predict_through_compiled_pieces_and_puts_them_back(run: Path) -> None:
+    """benchmarks.operator_variants' ``compiled``: predict through the captured pieces (dynamo's eager backend: the
+    same capture and patching as inductor, without its code generation) gives the same settings and logits, every
+    piece is the compiled one while it is on, and the originals are back afterwards."""
+    from backbone.model import AdaPerceiver
+    from benchmarks.operator_variants import COMPILED_METHODS, compiled
+    from envs import observations
+
+    clf = AdaptiveClassifier.load(run)
+    images = load_split("test").subset(24).as_float()
+    originals = {name: getattr(AdaPerceiver, name) for name in COMPILED_METHODS}
+    probe = observations.run_probe
+    with torch.inference_mode():
+        plain = clf.predict(images)
+        with compiled(backend="eager"):
+            assert all(getattr(AdaPerceiver, name) is not fn for name, fn in originals.items())
+            assert observations.run_probe is not probe
+            captured = [clf.predict(part) for part in images.split(8)]
+    assert {name: getattr(AdaPerceiver, name) for name in COMPILED_METHODS} == originals
+    assert observations.run_probe is probe
+    assert np.array_equal(np.concatenate([c.actions for c in captured]), plain.actions)
+    assert torch.allclose(torch.cat([c.logits for c in captured]), plain.logits, atol=1e-5)
+
+
 def test_operator_variants_benchmark_reports_paired_medians(run: Path, tmp_path) -> None:
     path = tmp_path / "variants.json"
     r = _cli("-m", "benchmarks.operator_variants", "--policy", str(run), "--images", "16", "--batch-size", "8",
-             "--repeats", "3", "--json", str(path))  # fmt: skip
+             "--repeats", "3", "--variants", "fused_stem", "small_attention", "--json", str(path))  # fmt: skip
     assert r.returncode == 0, r.stderr
     result = json.loads(path.read_text())
     assert all(c["same_labels"] and c["max_abs_logit_diff"] < 1e-4 for c in result["checks"].values())
