@@ -94,7 +94,8 @@ results: install
 
 # Issue 21's timings on this machine's CPU kind, into its own folders (about 30 minutes on 2 cores, one job at a
 # time): the PPO and cascade controllers in one process and in two worker processes, one and two threads, the
-# profiles, the full setting against matmul, and two rewrites of small operators that were not shipped. CPU_KIND
+# profiles, the full setting against matmul, and rewrites of small operators that were not shipped (two operator
+# rewrites and torch.compile; compiling the full setting at batch 256 alongside, for the ratio). CPU_KIND
 # names the folders: amd_epyc (AVX512 with bf16) or amd_epyc_avx2 (AVX2 only), the two kinds measured so far; set it
 # by hand on another machine.
 CPU_KIND ?= $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo amd_epyc || echo amd_epyc_avx2)
@@ -114,6 +115,8 @@ bench-cpu-kind: install
 	$(PY) -m benchmarks.bench_backbone --model adaperceiver_fmnist_stages --json $(RESULTS)/bench_backbone_$(CPU_KIND).json
 	for t in 2 1; do $(PY) -m benchmarks.operator_variants --policy $(RESULTS)/demo_p0.3 --threads $$t \
 		--json $(RESULTS)/operator_variants/$(CPU_KIND)_threads$$t.json; done
+	$(PY) -m benchmarks.compile_front --policy $(RESULTS)/demo_p0.3 --batch-size 256 --images 2048 \
+		--json $(RESULTS)/compile_front/$(CPU_KIND)_batch256.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
