@@ -56,7 +56,9 @@ def per_image_us(fn, batches: list[torch.Tensor], repeats: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_front", description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", required=True, help="one-shot run folder written by train_policy.py")
-    parser.add_argument("--images", type=int_at_least(1), default=128, help="test images, one per call (default 128)")
+    parser.add_argument(
+        "--images", type=int_at_least(1), default=128, help="test images, timed in whole batches (default 128)"
+    )
     parser.add_argument("--repeats", type=int_at_least(1), default=5, help="timed passes (median reported; default 5)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=1, help="images per call (default 1)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
