@@ -66,3 +66,44 @@ def test_bad_options_are_one_line_errors(setup, capsys) -> None:
     assert main([*setup["args"][:-2], "--folds", "100", "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"error: {N} samples are too few for 100 folds\n"
     assert not out.exists()
+
+
+def test_repeats_refit_on_every_fold_assignment(setup) -> None:
+    """``--repeats 3``: seeds 0, 1, 2 each get their own folds and refits; the first one is the row itself."""
+    out = setup["root"] / "repeats"
+    assert main([*setup["args"], "--iso-drops", "5", "--repeats", "3", "--out", str(out)]) == 0
+    result = json.loads((out / "iso_holdout.json").read_text())
+    row = result["rows"][0]
+    assert result["repeats"] == 3 and [r["seed"] for r in row["repeats"]] == [0, 1, 2]
+    headline = ("accuracy", "mean_flops", "gap", "folds")
+    assert {k: row["repeats"][0][k] for k in headline} == {k: row[k] for k in headline}
+    model = load_backbone(setup["backbone"])
+    cfg = build_policy_config(None, backbone=str(setup["backbone"]), cache_dir=str(setup["cache"]),
+                              observation=OBSERVATION, train_limit=N)  # fmt: skip
+    table = outcome_table(model, cfg, "policy-train", N, progress=False)
+    spec = get_observation(OBSERVATION)
+    per_fold = set()
+    for rep in row["repeats"]:  # refit each assignment's folds independently of the command
+        folds = np.array_split(np.random.default_rng(rep["seed"]).permutation(N), 3)
+        actions = np.empty((N, table.grid.ndim), np.int64)
+        for k, held in enumerate(folds):
+            rest = np.concatenate([f for j, f in enumerate(folds) if j != k])
+            cascade, _, _ = fit_cascade_to_accuracy(model, table.subset(rest), 0.05)
+            actions[held] = cascade.table_actions(table.subset(held))
+            ok = table.correct[(held, *actions[held].T)].mean()
+            assert rep["folds"][k]["held_out_accuracy"] == pytest.approx(ok)
+        m = evaluate_actions(table, actions, spec.flops(model), spec.reused_flops(model))
+        assert (rep["accuracy"], rep["mean_flops"]) == (m["accuracy"], m["mean_flops"])
+        assert rep["meets_iso_accuracy"] == iso_check(rep, table.grid.table(table.accuracy()))["meets_iso_accuracy"]
+        per_fold.add(tuple(f["held_out_accuracy"] for f in rep["folds"]))
+    assert len(per_fold) == 3, "the assignments' folds scored alike, so this test could not tell the seeds apart"
+    md = (out / "iso_holdout.md").read_text()
+    assert "Over 3 fold assignments (seeds 0..2" in md and " of 3 |" in md
+
+
+def test_one_repeat_adds_no_spread_table(setup) -> None:
+    out = setup["root"] / "one"
+    assert main([*setup["args"], "--iso-drops", "5", "--out", str(out)]) == 0
+    result = json.loads((out / "iso_holdout.json").read_text())
+    assert result["repeats"] == 1 and [r["seed"] for r in result["rows"][0]["repeats"]] == [0]
+    assert "fold assignments" not in (out / "iso_holdout.md").read_text()
