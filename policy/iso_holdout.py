@@ -119,7 +119,7 @@ def format_markdown(result: dict[str, Any]) -> str:
             f"| {r['saving_vs_full']:.1%} | {r['cheapest_fixed_as_accurate'] or 'none'} "
             f"| {'-' if vs is None else f'{vs:.1%}'} | {'**met**' if r['meets_iso_accuracy'] else 'not met'} |"
         )
-    if result.get("repeats", 1) > 1:
+    if result["repeats"] > 1:
         lines += _repeats_table(result)
     lines += ["", f"Per fold, folds drawn with seed {result['seed']} (fitted on the other folds, run on this one):", "",
               "| fitted within | fold | tau | X | fit accuracy | fit MFLOPs | held-out accuracy | held-out MFLOPs |",

@@ -31,6 +31,28 @@ def setup(tmp_path_factory) -> dict:
     return {"root": root, "backbone": backbone, "cache": cache, "args": args}
 
 
+def load_table(setup) -> tuple:
+    """The command's backbone and its outcome table on policy-train, read back from the test's cache."""
+    model = load_backbone(setup["backbone"])
+    cfg = build_policy_config(None, backbone=str(setup["backbone"]), cache_dir=str(setup["cache"]),
+                              observation=OBSERVATION, train_limit=N)  # fmt: skip
+    return model, outcome_table(model, cfg, "policy-train", N, progress=False)
+
+
+def refit(model, table, seed: int, drop_points: float, folds: int = 3) -> tuple[np.ndarray, list[tuple]]:
+    """Independently of the command: each fold's iso cascade fitted on the other folds (drawn with ``seed``), every
+    image's action from its fold's cascade, and per fold (cascade, fit accuracy, held-out accuracy)."""
+    split = np.array_split(np.random.default_rng(seed).permutation(len(table)), folds)
+    actions = np.empty((len(table), table.grid.ndim), np.int64)
+    fits = []
+    for k, held in enumerate(split):
+        rest = np.concatenate([f for j, f in enumerate(split) if j != k])
+        cascade, fit_acc, _ = fit_cascade_to_accuracy(model, table.subset(rest), drop_points / 100)
+        actions[held] = cascade.table_actions(table.subset(held))
+        fits.append((cascade, fit_acc, table.correct[(held, *actions[held].T)].mean()))
+    return actions, fits
+
+
 def test_every_image_is_judged_by_a_cascade_fitted_without_it(setup, capsys) -> None:
     out = setup["root"] / "report"
     assert main([*setup["args"], "--iso-drops", "0", "5", "--out", str(out)]) == 0
@@ -38,19 +60,12 @@ def test_every_image_is_judged_by_a_cascade_fitted_without_it(setup, capsys) -> 
     assert "| 5 points |" in (out / "iso_holdout.md").read_text() and "iso-accuracy" in capsys.readouterr().out
     assert [r["iso_drop_points"] for r in result["rows"]] == [0, 5] and result["samples"] == N
 
-    model = load_backbone(setup["backbone"])
-    cfg = build_policy_config(None, backbone=str(setup["backbone"]), cache_dir=str(setup["cache"]),
-                              observation=OBSERVATION, train_limit=N)  # fmt: skip
-    table = outcome_table(model, cfg, "policy-train", N, progress=False)
-    folds = np.array_split(np.random.default_rng(0).permutation(N), 3)
+    model, table = load_table(setup)
     spec = get_observation(OBSERVATION)
     for row in result["rows"]:
-        actions = np.empty((N, table.grid.ndim), np.int64)
-        for k, held in enumerate(folds):  # refit each fold on the other two, as the command must have
-            rest = np.concatenate([f for j, f in enumerate(folds) if j != k])
-            cascade, fit_acc, _ = fit_cascade_to_accuracy(model, table.subset(rest), row["iso_drop_points"] / 100)
+        actions, fits = refit(model, table, 0, row["iso_drop_points"])  # as the command must have
+        for k, (cascade, fit_acc, _) in enumerate(fits):
             assert (row["folds"][k]["tau"], row["folds"][k]["train_accuracy"]) == (cascade.tau, fit_acc)
-            actions[held] = cascade.table_actions(table.subset(held))
         m = evaluate_actions(table, actions, spec.flops(model), spec.reused_flops(model))
         assert (row["accuracy"], row["mean_flops"]) == (m["accuracy"], m["mean_flops"])
         check = iso_check(row, table.grid.table(table.accuracy()))
@@ -77,21 +92,13 @@ def test_repeats_refit_on_every_fold_assignment(setup) -> None:
     assert result["repeats"] == 3 and [r["seed"] for r in row["repeats"]] == [0, 1, 2]
     headline = ("accuracy", "mean_flops", "gap", "folds")
     assert {k: row["repeats"][0][k] for k in headline} == {k: row[k] for k in headline}
-    model = load_backbone(setup["backbone"])
-    cfg = build_policy_config(None, backbone=str(setup["backbone"]), cache_dir=str(setup["cache"]),
-                              observation=OBSERVATION, train_limit=N)  # fmt: skip
-    table = outcome_table(model, cfg, "policy-train", N, progress=False)
+    model, table = load_table(setup)
     spec = get_observation(OBSERVATION)
     per_fold = set()
     for rep in row["repeats"]:  # refit each assignment's folds independently of the command
-        folds = np.array_split(np.random.default_rng(rep["seed"]).permutation(N), 3)
-        actions = np.empty((N, table.grid.ndim), np.int64)
-        for k, held in enumerate(folds):
-            rest = np.concatenate([f for j, f in enumerate(folds) if j != k])
-            cascade, _, _ = fit_cascade_to_accuracy(model, table.subset(rest), 0.05)
-            actions[held] = cascade.table_actions(table.subset(held))
-            ok = table.correct[(held, *actions[held].T)].mean()
-            assert rep["folds"][k]["held_out_accuracy"] == pytest.approx(ok)
+        actions, fits = refit(model, table, rep["seed"], 5)
+        for k, (_, _, held_out) in enumerate(fits):
+            assert rep["folds"][k]["held_out_accuracy"] == pytest.approx(held_out)
         m = evaluate_actions(table, actions, spec.flops(model), spec.reused_flops(model))
         assert (rep["accuracy"], rep["mean_flops"]) == (m["accuracy"], m["mean_flops"])
         assert rep["meets_iso_accuracy"] == iso_check(rep, table.grid.table(table.accuracy()))["meets_iso_accuracy"]
