@@ -77,8 +77,8 @@ def pipeline(tmp_path_factory) -> dict:
         "policy": ("train_policy.py", "--data", str(root), "--backbone", str(work / "bb/backbone.safetensors"),
                    "--config", str(work / "ppo.yaml"), "--workers", "0", "--out", str(work / "p0.3"), "--no-progress"),
         "ablation": ("-m", "policy.ablation", "--data", str(root), "--backbone", str(work / "bb/backbone.safetensors"),
-                     "--penalties", "0.3", "--policies", str(work / "p0.3"), "--workers", "0",
-                     "--runs-dir", str(work / "abl"), "--out", str(work / "report")),
+                     "--penalties", "0.3", "--policies", str(work / "p0.3"), "--controllers", "oneshot",
+                     "--workers", "0", "--runs-dir", str(work / "abl"), "--out", str(work / "report")),
         "evaluate": ("-m", "backbone.evaluate", "--checkpoint", str(work / "bb/backbone.safetensors"), "--data",
                      str(root), "--split", "policy-train", "--workers", "0", "--out", str(work / "eval")),
         "benchmark": ("-m", "policy.benchmark", "--policy", str(work / "p0.3"), "--limit", "12", "--limit-batch1", "4",
@@ -118,6 +118,7 @@ def test_every_command_runs_on_the_image_folder(pipeline) -> None:
     side = json.loads((work / "p0.3/policy.json").read_text())
     assert side["data"] == str(pipeline["root"].resolve())
     ablation = json.loads((work / "report/ablation.json").read_text())
+    assert not (work / "abl").exists()  # the given run is scored, nothing trained (a sequential one would take minutes)
     assert ablation["samples"] == 18 and ablation["controllers"][0]["accuracy"] == metrics["accuracy"]
     rows = json.loads((work / "infer.json").read_text())
     assert len(rows) == 18
