@@ -66,6 +66,7 @@ results: install
 	cp -r runs/ablation/fmnist__sequential__p0.3__s0 $(RESULTS)/sequential_p0.3
 	$(PY) -m policy.reference --ablation $(RESULTS)/ablation.json --out $(RESULTS)/reference
 	$(PY) -m policy.iso_holdout --iso-drops 0 0.05 0.1 --repeats 10 --out $(RESULTS)/iso_holdout
+	$(PY) -m policy.iso_bands --setting s3/4/4/32 --out $(RESULTS)/iso_bands
 	$(PY) -m policy.recipe_cv --variants ent_coef=0.01 ent_coef=0.001 ent_coef=0 --out $(RESULTS)/recipe_cv
 	for p in 0.3 0.01; do $(PY) -m policy.recipe_cv --penalty $$p --variants observation=pooled_probe observation=probe \
 		--out $(RESULTS)/recipe_cv_observation/p$$p; done
