@@ -73,7 +73,7 @@ class ProbeCascade:
         return cascade
 
 
-def _all_cascades(model, table) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+def all_cascades(model, table) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     """Accuracy and mean FLOPs on ``table`` of every ``(tau, X)``, shape ``(len(CASCADE_TAUS), *grid.shape)``, and
     the probe's index. Priced like a controller: every image pays the "probe" observation; an image the probe answers
     also pays what the probe does beyond the reused part, and one sent on pays X's FLOPs beyond it."""
@@ -91,7 +91,7 @@ def _cascade_at(best: tuple, acc: np.ndarray, cost: np.ndarray, probe) -> tuple[
 
 def fit_cascade(model, table, penalty: float) -> tuple[ProbeCascade, float, float]:
     """The ``(tau, X)`` of highest mean reward on ``table`` (policy-train), with its accuracy and mean FLOPs there."""
-    acc, cost, probe = _all_cascades(model, table)
+    acc, cost, probe = all_cascades(model, table)
     best = np.unravel_index(int((acc - penalty * cost / table.grid.full_flops).argmax()), acc.shape)
     return _cascade_at(best, acc, cost, probe)
 
@@ -102,7 +102,7 @@ def fit_cascade_to_accuracy(model, table, drop: float) -> tuple[ProbeCascade, fl
     the iso-accuracy point instead of a penalty. ``tau`` = 1.01 with X = the full setting always qualifies."""
     if not 0 <= drop < 1:
         raise ValueError(f"the accuracy drop is a fraction in [0, 1), got {drop}")
-    acc, cost, probe = _all_cascades(model, table)
+    acc, cost, probe = all_cascades(model, table)
     target = table.correct[(slice(None), *table.grid.full_index)].mean() - drop
     allowed = np.where(acc >= target - 1e-12, cost, np.inf)  # 1e-12: the full setting's own accuracy, summed apart
     best = np.unravel_index(int(allowed.argmin()), allowed.shape)

@@ -24,8 +24,8 @@ from scipy.stats import fisher_exact
 
 from envs import get_observation
 from envs.observations import probe_setting
-from policy.baselines import cascade_outcome, probe_cascade
-from policy.cascade import CASCADE_TAUS, OBSERVATION
+from policy.baselines import cascade_outcome
+from policy.cascade import CASCADE_TAUS, OBSERVATION, all_cascades
 from policy.config import DEFAULT_POLICY_CONFIG, build_policy_config
 from policy.evaluation import format_p
 from policy.report_cli import add_table_options, print_and_write_report
@@ -108,7 +108,7 @@ def run_iso_bands(args: argparse.Namespace) -> dict[str, Any]:
         b["fisher_p_vs_train"] = float(fisher_exact(counts).pvalue) if min(map(sum, counts)) else None
     t, s = tables[cfg.eval_split], result["splits"][cfg.eval_split]
     budget = 0.75 * s["cheapest_fixed_as_accurate_flops"]
-    acc, cost = probe_cascade(t.correct, t.confidence, grid.flops, reused, overhead, CASCADE_TAUS, probe)
+    acc, cost, _ = all_cascades(model, t)  # every (tau, X), priced as the fitted cascades are
     result["chosen_on_test"] = {"budget_flops": budget}
     best = best_within(acc, cost, budget)
     if best is not None:

@@ -12,7 +12,6 @@ from backbone import create_model, save_backbone
 from backbone.checkpoint import load_backbone
 from envs import get_observation
 from envs.observations import probe_setting
-from policy.baselines import cascade_outcome
 from policy.cascade import OBSERVATION
 from policy.config import build_policy_config
 from policy.iso_bands import band_counts, best_within, main
@@ -71,9 +70,11 @@ def test_report_agrees_with_the_tables(setup, capsys) -> None:
         assert sum(b["images"] for b in s["bands"]) == N
         wrong = sum(b["probe_wrong"] for b in s["bands"]) - sum(b["probe_right"] for b in s["bands"])
         assert wrong == int(x_ok.sum()) - int(probe_ok.sum())  # every disagreement is in exactly one band
-        for row in s["cascade"]:  # each tau's cascade, image by image, as the baseline defines it
-            ok, cost = cascade_outcome(table.correct, table.confidence, grid.flops, spec.reused_flops(model),
-                                       spec.flops(model), row["tau"], xi, probe)  # fmt: skip
+        extra = grid.flops - spec.reused_flops(model)  # what the probe or X costs beyond the work it reuses
+        for row in s["cascade"]:  # each tau's cascade, image by image, computed here independently
+            sure = table.confidence[(slice(None), *probe)] >= row["tau"]
+            ok = np.where(sure, probe_ok, x_ok)
+            cost = spec.flops(model) + np.where(sure, extra[probe], extra[xi])
             assert (row["accuracy"], row["mean_flops"]) == (pytest.approx(ok.mean()), pytest.approx(cost.mean()))
     # the bound is the most accurate cascade within the budget, or none when even the cheapest costs more
     bound, md = result["chosen_on_test"], (out / "iso_bands.md").read_text()
