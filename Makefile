@@ -85,9 +85,11 @@ results: install
 		--json $(RESULTS)/bench_sequential_p0.3/processes2_run$$i.json; done
 	for b in 256 1; do $(PY) -m benchmarks.profile_adaptive --policy $(RESULTS)/demo_p0.3 --batch-size $$b --out $(RESULTS)/profile/after_batch$$b.txt; done
 	for i in 1 2 3; do $(PY) -m benchmarks.compile_front --policy $(RESULTS)/demo_p0.3 --json $(RESULTS)/compile_front/run$$i.json; done
+	for i in 1 2 3; do $(PY) -m benchmarks.aot_batch1 --policy $(RESULTS)/demo_p0.3 --json $(RESULTS)/aot_batch1/$(CPU_KIND)_run$$i.json; done
 	rm -rf $(RESULTS)/cascade_p0.3
 	$(PY) train_policy.py --controller cascade --flops-penalty 0.3 --seed 0 --out $(RESULTS)/cascade_p0.3 --no-progress
 	for i in 1 2 3; do $(PY) -m policy.benchmark --policy $(RESULTS)/cascade_p0.3 --json $(RESULTS)/bench_cascade_p0.3/run$$i.json; done
+	$(PY) -m benchmarks.aot_batch1 --policy $(RESULTS)/cascade_p0.3 --json $(RESULTS)/aot_batch1/$(CPU_KIND)_cascade_run1.json
 	for i in 1 2 3; do $(PY) -m policy.benchmark --policy $(RESULTS)/cascade_p0.3 --processes 2 \
 		--json $(RESULTS)/bench_cascade_p0.3/processes2_run$$i.json; done
 	for b in 256 1; do $(PY) -m benchmarks.profile_adaptive --policy $(RESULTS)/cascade_p0.3 --batch-size $$b --out $(RESULTS)/profile/cascade_batch$$b.txt; done
@@ -118,6 +120,7 @@ bench-cpu-kind: install
 		--json $(RESULTS)/operator_variants/$(CPU_KIND)_threads$$t.json; done
 	$(PY) -m benchmarks.compile_front --policy $(RESULTS)/demo_p0.3 --batch-size 256 --images 2048 \
 		--json $(RESULTS)/compile_front/$(CPU_KIND)_batch256.json
+	for i in 1 2 3; do $(PY) -m benchmarks.aot_batch1 --policy $(RESULTS)/demo_p0.3 --json $(RESULTS)/aot_batch1/$(CPU_KIND)_run$$i.json; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -34,6 +34,7 @@ BAD_FLAGS = [
     ("benchmarks.bench_env", [], "--steps", "0"),
     ("benchmarks.bench_train_step", [], "--repeats", "0"),
     ("benchmarks.compile_front", ["--policy", RUN], "--images", "0"),
+    ("benchmarks.aot_batch1", ["--policy", RUN], "--images", "0"),
     ("benchmarks.profile_adaptive", ["--policy", RUN], "--rows", "0"),
     ("benchmarks.stem_layout", ["--policy", RUN], "--batch-size", "0"),
     ("policy.benchmark", ["--policy", RUN], "--threads", "two"),

@@ -1,0 +1,311 @@
+"""Batch-1 latency with ahead-of-time compiled paths (AOTInductor): the front and each chosen setting as one call.
+
+At batch 1 eager PyTorch costs about as much per operator as the operators compute (a few microseconds of Python
+and dispatch each, ~300 of them per image), so time follows the operator count, not the FLOPs, and the adaptive
+path's 39x fewer FLOPs buy ~2x (``docs/results/profile/``). AOTInductor turns a static-shape graph into one
+compiled C++ function, so the per-operator cost goes: the front (probe-stage embedding, probe, observation,
+controller and its argmax) is one compiled call, and each setting the controller picks is one more, going on from
+the front's work exactly as :meth:`policy.adaptive.AdaptiveClassifier.predict` does (the same reuse, so the same
+FLOPs). The full setting is compiled the same way, so the speed-up is read against a compiled full model
+(``python -m benchmarks.aot_batch1``).
+
+A setting is compiled the first time the controller picks it (about 35 s on 2 cores with inductor's max-autotune,
+the default, 17 s without) and kept on disk, keyed by the backbone, the controller, torch, the CPU's vector ISA
+and the thread count (inductor builds them in), under ``~/.cache/adaperceiver-rl/aot/``
+(``$ADAPERCEIVER_CACHE_DIR/aot`` if set). Predictions equal eager ``predict``'s
+up to float rounding (logits within ~1e-5; the check is in ``tests/test_aot_batch1.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch._inductor.config as inductor_config
+import torch.nn.functional as F
+from torch import nn
+
+from backbone.fileio import user_cache_dir
+from backbone.model import PatchMemory
+from backbone.settings import Setting
+from benchmarks.timing import cpu_description
+from envs.outcome_table import CACHE_DIR_ENV, backbone_identity
+from policy.adaptive import AdaptiveClassifier, Prediction
+from policy.cascade import ProbeCascade
+from policy.controller import action_logits
+
+
+def _patchify_linear(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A convolution with kernel = stride and no padding (a patch embedding, a 1x1 projection) as a reshape and
+    one matmul: the same sums, one fused copy and a GEMM call instead of a oneDNN convolution."""
+    b, c, h, w = x.shape
+    (kh, kw), out = conv.kernel_size, conv.out_channels
+    ho, wo = h // kh, w // kw
+    patches = x.reshape(b, c, ho, kh, wo, kw).permute(0, 2, 4, 1, 3, 5).reshape(b, ho * wo, c * kh * kw)
+    y = F.linear(patches, conv.weight.reshape(out, -1), conv.bias)
+    return y.transpose(1, 2).reshape(b, out, ho, wo)
+
+
+def _depthwise_by_shifts(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A depthwise convolution (stride 1) as k*k shifted multiply-adds, which inductor fuses into one loop."""
+    b, c, h, w = x.shape
+    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
+    padded = F.pad(x, (pw, pw, ph, ph))
+    out = conv.bias.reshape(1, c, 1, 1).expand(b, c, h, w)
+    for i in range(kh):
+        for j in range(kw):
+            out = out + padded[:, :, i : i + h, j : j + w] * conv.weight[:, 0, i, j].reshape(1, c, 1, 1)
+    return out
+
+
+def _batch1_form(conv: nn.Conv2d) -> Callable[[nn.Conv2d, torch.Tensor], torch.Tensor] | None:
+    if conv.groups == 1 and conv.kernel_size == conv.stride and conv.padding == (0, 0) and conv.dilation == (1, 1):
+        return _patchify_linear
+    depthwise = conv.groups == conv.in_channels == conv.out_channels > 1
+    if depthwise and conv.stride == (1, 1) and conv.bias is not None and conv.padding_mode == "zeros":
+        return _depthwise_by_shifts
+    return None
+
+
+@contextlib.contextmanager
+def _export_forms(model: nn.Module) -> Iterator[None]:
+    """While exporting: leave out the model's input check (data-dependent: it reads the pixel range; the caller
+    runs it eagerly before every compiled call), and run the patch embedding and the patch context's depthwise
+    convolution in forms that compile into plain loops. At batch 1 each of those convolutions cost ~60 us as a
+    oneDNN call inside the compiled front, a quarter of it (1.44x faster front without them, paired; the 3x3
+    stem convolutions stay convolutions, which those forms did not speed up). Eager code keeps the convolutions,
+    which are faster at large batches."""
+    swapped = []
+    for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):
+        form = _batch1_form(conv)
+        if form is not None:
+            conv.forward = functools.partial(form, conv)  # an instance attribute shadows the method
+            swapped.append(conv)
+    model.check_input = lambda x: None
+    try:
+        yield
+    finally:
+        del model.check_input
+        for conv in swapped:
+            del conv.forward
+
+
+class _Front(nn.Module):
+    """Image -> (patch tokens, stem feature map, probe latents, probe logits, decision): what every image pays
+    (an empty tensor stands for a part the model or the observation does not have).
+
+    The decision is the controller's: the chosen action indices for a PPO policy (the mode of its distribution,
+    computed with :func:`policy.controller.choose_actions`'s ops), the observation for a cascade (its comparison
+    with tau is one numpy op)."""
+
+    def __init__(self, clf: AdaptiveClassifier) -> None:
+        super().__init__()
+        self.clf = clf
+        self.backbone, self.policy = clf.backbone, clf.policy  # registered, so export sees their weights
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        clf = self.clf
+        memory, probe = clf.spec.embed_and_probe(clf.backbone, x)
+        obs = clf.spec.compute(clf.backbone, memory, None if probe is None else probe[1])
+        if isinstance(clf.policy, ProbeCascade):
+            decision = obs
+        else:
+            logits = action_logits(clf.policy, obs).split(list(clf.policy.action_dist.action_dims), dim=1)
+            picks = [F.softmax(part - part.logsumexp(-1, keepdim=True), -1).argmax(1) for part in logits]
+            decision = torch.stack(picks, 1)
+        none = memory.tokens.new_zeros(0)
+        latents, logits = probe if probe is not None else (none, none)
+        return memory.tokens, none if memory.features is None else memory.features, latents, logits, decision
+
+
+class _Setting(nn.Module):
+    """(patch tokens, feature map, probe latents) -> logits at one setting, going on from the front's work as
+    ``AdaptiveClassifier.predict`` does: a deeper stage continues the stem, a setting at the probe's stage, tokens
+    and width starts from the probe's latents after its first block."""
+
+    def __init__(self, clf: AdaptiveClassifier, action: tuple[int, ...], stage: int | None) -> None:
+        super().__init__()
+        self.backbone = clf.backbone
+        self.setting = clf.grid.setting(action)
+        self.memory_stage = stage
+        self.from_probe = bool(clf.continues_probe[action])
+
+    def forward(self, tokens: torch.Tensor, features: torch.Tensor, probe_latents: torch.Tensor) -> torch.Tensor:
+        model, s = self.backbone, self.setting
+        memory = PatchMemory(tokens, features if features.numel() else None, self.memory_stage)
+        if s.stage is not None and s.stage != self.memory_stage:
+            memory = model.continue_embed(memory, s.stage)
+        start = probe_latents if self.from_probe else model.read_latents(memory, s.tokens)
+        return model.forward_head(model.forward_blocks(start, int(self.from_probe), s.depth, s.width))
+
+
+class _Full(nn.Module):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.backbone = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+
+FORMS_VERSION = 1  # bump when what is exported changes (_export_forms, _Front, _Setting): old packages are not reused
+
+
+def default_aot_dir() -> Path:
+    env = os.environ.get(CACHE_DIR_ENV)
+    return Path(env).expanduser() / "aot" if env else user_cache_dir("aot")
+
+
+def _fingerprint(clf: AdaptiveClassifier, max_autotune: bool) -> str:
+    """What a compiled package depends on: backbone, controller, observation, torch, CPU ISA, threads, tuning."""
+    h = hashlib.sha256(backbone_identity(clf.backbone).encode())
+    if isinstance(clf.policy, ProbeCascade):
+        h.update(json.dumps(clf.policy.to_json(), sort_keys=True).encode())
+    else:
+        for name, t in sorted(clf.policy.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    isa = cpu_description()["isa"]
+    threads = torch.get_num_threads()
+    h.update(f"{FORMS_VERSION}|{clf.observation}|{torch.__version__}|{isa}|{threads}|{max_autotune}".encode())
+    return h.hexdigest()[:20]
+
+
+def _compile(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, max_autotune: bool) -> None:
+    """Export ``module`` at ``example``'s shapes and compile it into the package ``path``, atomically (a package
+    half-written by an interrupted compile is never loaded). ``max_autotune`` lets inductor time its own C++ GEMM
+    templates against the library's for every matmul: at 2 latents its kernels won (the front 1.6x, a stage-3
+    setting of 6 blocks 2x faster, timed alternately in one process), for about twice the compile time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
+    quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # no tables on stderr
+    tuning = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", **quiet} if max_autotune else {}
+    try:
+        with torch.no_grad(), inductor_config.patch(tuning):
+            program = torch.export.export(module, example)
+            built = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / path.name))
+        os.replace(built, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    runner: Callable | None
+    settings: list[Setting]
+    flops: np.ndarray
+
+
+class AotBatch1:
+    """One image at a time through AOT-compiled paths: :meth:`predict` (the adaptive path, eager ``predict``'s
+    results and FLOPs) and :meth:`full` (the full setting's logits). ``on_compile(name)`` is called before each
+    compile (a progress line: the first call of a new setting takes a minute with ``max_autotune``, 15-30 s
+    without, later ones microseconds)."""
+
+    def __init__(
+        self,
+        clf: AdaptiveClassifier,
+        cache_dir: str | os.PathLike | None = None,
+        on_compile: Callable[[str], None] | None = None,
+        max_autotune: bool = True,
+    ) -> None:
+        if next(clf.backbone.parameters()).device.type != "cpu":
+            raise ValueError("AotBatch1 compiles for the CPU; this classifier is on another device")
+        self.clf = clf
+        self.dir = Path(cache_dir) if cache_dir is not None else default_aot_dir()
+        self.dir /= _fingerprint(clf, max_autotune)
+        self.max_autotune = max_autotune
+        self.on_compile = on_compile
+        cfg = clf.backbone.cfg
+        self.image_shape = (1, cfg.in_chans, cfg.img_size, cfg.img_size)
+        self._cascade = isinstance(clf.policy, ProbeCascade)
+        # the stage of the front's memory (observe_embed's): the probe's, the deepest one without stem exits
+        self._memory_stage = clf.backbone.resolve_stage(clf.grid.smallest.stage)
+        self._runners: dict[str, Callable] = {}
+        self._plans: dict[tuple[int, ...], _Plan] = {}
+        self._front_example: tuple[torch.Tensor, ...] | None = None
+
+    def _runner(self, name: str, build: Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]) -> Callable:
+        runner = self._runners.get(name)
+        if runner is None:
+            path = self.dir / f"{name}.pt2"
+            if not path.is_file():
+                if self.on_compile is not None:
+                    self.on_compile(name)
+                module, example = build()
+                with _export_forms(self.clf.backbone):
+                    _compile(module.eval(), example, path, self.max_autotune)
+            # the package's loader runs flat tensor lists: its __call__ would parse the call spec's JSON and
+            # rebuild pytrees on every call (~50 us, a sixth of the compiled front)
+            runner = self._runners[name] = torch._inductor.aoti_load_package(str(path)).loader.run
+        return runner
+
+    def _image(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.unsqueeze(0) if image.ndim == len(self.image_shape) - 1 else image
+        if tuple(x.shape) != self.image_shape:
+            raise ValueError(f"AotBatch1 takes one image {self.image_shape[1:]}, got shape {tuple(image.shape)}")
+        self.clf.backbone.check_input(x)  # the compiled graphs leave it out (it reads the data)
+        return x.contiguous()
+
+    def front(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The compiled front's outputs for one image (checked like the eager path checks it)."""
+        x = self._image(image)
+        return self._run_front(x)
+
+    def _run_front(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = tuple(self._runner("front", lambda: (_Front(self.clf), (torch.zeros(self.image_shape),)))([x]))
+        if self._front_example is None:
+            self._front_example = tuple(t.clone() for t in out)
+        return out
+
+    def full(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits ``(1, classes)`` of the full setting, compiled the same way (what the speed-up is read against)."""
+        x = self._image(image)
+        return self._runner("full", lambda: (_Full(self.clf.backbone), (torch.zeros(self.image_shape),)))([x])[0]
+
+    def predict(self, image: torch.Tensor) -> Prediction:
+        """Classify one image ``(C, H, W)`` or ``(1, C, H, W)`` in [0, 1] at the setting its controller picks."""
+        tokens, features, latents, probe_logits, decision = self._run_front(self._image(image))
+        actions = self.clf.policy.choose(decision[:, 0].numpy()) if self._cascade else decision.numpy().astype(np.int64)
+        action = tuple(actions[0].tolist())
+        plan = self._plans.get(action) or self._plan(action)
+        logits = probe_logits if plan.runner is None else plan.runner([tokens, features, latents])[0]
+        return Prediction(logits.argmax(-1), logits, list(plan.settings), actions, plan.flops.copy())
+
+    def _plan(self, action: tuple[int, ...]) -> _Plan:
+        """What one chosen setting needs, worked out once: its compiled runner (None: the probe's answer stands),
+        its Setting and FLOPs, counted as ``AdaptiveClassifier.predict`` counts them."""
+        clf, actions = self.clf, np.array([action])
+        at_probe = bool(clf.continues_probe[action]) and clf.grid.setting(action).depth == 1
+        flops = clf.grid.flops_of(actions) - clf.reused_flops[action] + clf.controller_flops
+        plan = _Plan(None if at_probe else self._setting(action), clf.grid.settings(actions), flops)
+        self._plans[action] = plan
+        return plan
+
+    def _setting(self, action: tuple[int, ...]) -> Callable:
+        def build() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+            if self._front_example is None:
+                self._run_front(torch.zeros(self.image_shape))
+            tokens, features, latents = self._front_example[:3]
+            return _Setting(self.clf, action, self._memory_stage), (tokens, features, latents)
+
+        return self._runner("setting_" + "_".join(map(str, action)), build)
+
+    def compile_for(self, images: Sequence[torch.Tensor] | torch.Tensor) -> int:
+        """Compile (or load) every path ``images`` need, so that timing them afterwards measures no compile;
+        returns how many distinct settings they use."""
+        used = set()
+        for image in images:
+            used.add(tuple(int(i) for i in self.predict(image).actions[0]))
+        self.full(images[0])
+        return len(used)
