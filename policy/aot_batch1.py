@@ -13,7 +13,8 @@ A setting is compiled the first time the controller picks it (about 35 s on 2 co
 the default, 17 s without) and kept on disk, keyed by the backbone, the controller, torch, the CPU's vector ISA
 and the thread count (inductor builds them in), under ``~/.cache/adaperceiver-rl/aot/``
 (``$ADAPERCEIVER_CACHE_DIR/aot`` if set). Predictions equal eager ``predict``'s
-up to float rounding (logits within ~1e-5; the check is in ``tests/test_aot_batch1.py``).
+up to float rounding (logits within ~1e-5; the check is in ``tests/test_aot_batch1.py``), so an image whose probe
+confidence sits within that rounding of a cascade's threshold (or whose actor logits tie) may be sent elsewhere.
 """
 
 from __future__ import annotations
