@@ -25,18 +25,15 @@ from backbone.allocator import reuse_freed_memory
 from backbone.data import DataError, load_split
 from backbone.fileio import write_json
 from backbone.option_checks import int_at_least
-from benchmarks.timing import cpu_description
+from benchmarks.timing import cpu_description, images_per_second
 from policy.adaptive import AdaptiveClassifier
 from policy.aot_batch1 import AotBatch1
 
 PATHS = ("full", "adaptive", "aot_full", "aot_adaptive", "aot_front")
 
 
-def per_image_us(fn, images: list[torch.Tensor]) -> float:
-    t0 = time.perf_counter()
-    for x in images:
-        fn(x)
-    return (time.perf_counter() - t0) / len(images) * 1e6
+def per_image_us(fn, images: torch.Tensor) -> float:
+    return 1e6 / images_per_second(fn, images, 1)
 
 
 def agreement(clf: AdaptiveClassifier, aot: AotBatch1, images: torch.Tensor) -> dict:
@@ -81,20 +78,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compiling {name} ...", file=sys.stderr, flush=True)
 
     aot = AotBatch1(clf, args.cache_dir, on_compile=on_compile, max_autotune=not args.no_autotune)
-    singles = list(images.split(1))
     fns = {"full": clf.backbone, "adaptive": clf.predict, "aot_full": aot.full, "aot_adaptive": aot.predict,
            "aot_front": aot.front}  # fmt: skip
     runs: dict[str, list[float]] = {name: [] for name in PATHS}
     with torch.inference_mode():
         t0 = time.perf_counter()
-        aot.compile_for(singles)
+        aot.compile_for(images)
         compile_s = time.perf_counter() - t0
         checked = agreement(clf, aot, images)
         for name in PATHS:  # warm-up, not timed
-            per_image_us(fns[name], singles[: max(1, len(singles) // 4)])
+            per_image_us(fns[name], images[: max(1, len(images) // 4)])
         for r in range(args.repeats):
             for name in PATHS if r % 2 == 0 else PATHS[::-1]:
-                runs[name].append(per_image_us(fns[name], singles))
+                runs[name].append(per_image_us(fns[name], images))
     ratio = clf.grid.full_flops / checked["adaptive_mean_flops"]
 
     def speedup(full: str, path: str) -> float:
@@ -103,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python -m benchmarks.aot_batch1 " + " ".join(sys.argv[1:] if argv is None else argv),
         "policy": args.policy,
-        "images": len(singles),
+        "images": len(images),
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
         "max_autotune": not args.no_autotune,
@@ -122,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "us_per_image_runs": runs,
     }
     us = result["us_per_image"]
-    print(f"batch 1, {len(singles)} images, {result['threads']} thread(s), {result['cpu']['model']}; compiled "
+    print(f"batch 1, {len(images)} images, {result['threads']} thread(s), {result['cpu']['model']}; compiled "
           f"{len(compiles)} package(s) ({result['compile_or_load_s']} s with loading); {checked['distinct_settings']} "
           f"settings; compiled vs eager adaptive: same settings {checked['same_settings']}, same FLOPs "
           f"{checked['same_flops']}, same labels {checked['same_labels']:.2%}, "
