@@ -58,35 +58,72 @@ def _patchify_linear(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return y.transpose(1, 2).reshape(b, out, ho, wo)
 
 
-def _depthwise_by_shifts(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A depthwise convolution (stride 1) as k*k shifted multiply-adds, which inductor fuses into one loop."""
-    b, c, h, w = x.shape
-    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
-    padded = F.pad(x, (pw, pw, ph, ph))
-    out = conv.bias.reshape(1, c, 1, 1).expand(b, c, h, w)
+def _taps(conv: nn.Conv2d, x: torch.Tensor) -> tuple[list[tuple[int, int, torch.Tensor]], tuple[int, int, int]]:
+    """One NHWC tensor per kernel tap ``(i, j)``, aligned with the output grid: ``x`` rolled by the tap's offset,
+    subsampled by the stride and multiplied by a constant 0/1 mask that zeroes what wrapped around (the padding).
+    A rolled read is plain index arithmetic, where a padded one (``F.pad`` inlined into its consumer) cost a masked
+    load per element and tap: the patch context as shifted slices of a padded grid took ~50 us at batch 1."""
+    b, _, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    nhwc = x.permute(0, 2, 3, 1)  # a view of the channels-last layout the stem and the patch context use
+    taps = []
     for i in range(kh):
+        rows = torch.arange(ho) * sh + i - ph  # the input row each output row reads at this tap
         for j in range(kw):
-            out = out + padded[:, :, i : i + h, j : j + w] * conv.weight[:, 0, i, j].reshape(1, c, 1, 1)
-    return out
+            cols = torch.arange(wo) * sw + j - pw
+            inside = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None, :]
+            rolled = torch.roll(nhwc, shifts=(ph - i, pw - j), dims=(1, 2))
+            rolled = rolled[:, : (ho - 1) * sh + 1 : sh, : (wo - 1) * sw + 1 : sw]
+            taps.append((i, j, rolled * inside[..., None].to(x.dtype)))
+    return taps, (b, ho, wo)
+
+
+def _depthwise_by_rolls(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A depthwise convolution as k*k rolled multiply-adds, which inductor fuses into one loop over channels."""
+    taps, _ = _taps(conv, x)
+    out = conv.bias
+    for i, j, tap in taps:
+        out = out + tap * conv.weight[:, 0, i, j]
+    return out.permute(0, 3, 1, 2)
+
+
+def _dense_by_rolls(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A dense k x k convolution from its taps: with one input channel as k*k multiply-adds (one loop), with more as
+    the taps side by side and one matmul (inductor's GEMM). At batch 1 ATen runs these small convolutions on its
+    slow im2col path (oneDNN only from ~20k input values), 35-50 us each inside a compiled setting."""
+    taps, (b, ho, wo) = _taps(conv, x)
+    if conv.in_channels == 1:
+        out = sum(tap * conv.weight[:, 0, i, j] for i, j, tap in taps)
+        out = out if conv.bias is None else out + conv.bias
+        return out.permute(0, 3, 1, 2)
+    patches = torch.cat([tap for _, _, tap in taps], -1).reshape(b, ho * wo, -1)  # (B, Ho*Wo, kh*kw*C), tap-major
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # the same order
+    return F.linear(patches, weight, conv.bias).reshape(b, ho, wo, -1).permute(0, 3, 1, 2)
 
 
 def _batch1_form(conv: nn.Conv2d) -> Callable[[nn.Conv2d, torch.Tensor], torch.Tensor] | None:
-    if conv.groups == 1 and conv.kernel_size == conv.stride and conv.padding == (0, 0) and conv.dilation == (1, 1):
+    """The batch-1 form of ``conv``, or None to keep the convolution."""
+    if conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+        return None
+    if conv.groups == 1 and conv.kernel_size == conv.stride and conv.padding == (0, 0):
         return _patchify_linear
-    depthwise = conv.groups == conv.in_channels == conv.out_channels > 1
-    if depthwise and conv.stride == (1, 1) and conv.bias is not None and conv.padding_mode == "zeros":
-        return _depthwise_by_shifts
-    return None
+    kh, kw = conv.kernel_size
+    if kh % 2 == 0 or kw % 2 == 0 or conv.padding != (kh // 2, kw // 2):
+        return None  # the taps need "same" padding: a rolled, subsampled tap then fits in the input
+    if conv.groups == conv.in_channels == conv.out_channels > 1 and conv.bias is not None:
+        return _depthwise_by_rolls
+    return _dense_by_rolls if conv.groups == 1 else None
 
 
 @contextlib.contextmanager
 def _export_forms(model: nn.Module) -> Iterator[None]:
-    """While exporting: leave out the model's input check (data-dependent: it reads the pixel range; the caller
-    runs it eagerly before every compiled call), and run the patch embedding and the patch context's depthwise
-    convolution in forms that compile into plain loops. At batch 1 each of those convolutions cost ~60 us as a
-    oneDNN call inside the compiled front, a quarter of it (1.44x faster front without them, paired; the 3x3
-    stem convolutions stay convolutions, which those forms did not speed up); attention as its math. Eager code
-    keeps the convolutions and the fused attention kernel, which are faster at large batches."""
+    """While exporting: leave out the model's input check (data-dependent: it raises on what it reads; the compiled
+    paths return its verdict instead, ``_in_range``), run every convolution in a form that compiles into inductor's own
+    loops and GEMMs (the patch embedding as a matmul, the 3x3 stem convolutions and the patch context from rolled
+    taps: as ATen or oneDNN calls inside the compiled paths they took 35-60 us each at batch 1), and attention as
+    its math. Eager code keeps the convolutions and the fused attention kernel, which are faster at large
+    batches."""
     swapped = []
     for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):
         form = _batch1_form(conv)
@@ -105,9 +142,16 @@ def _export_forms(model: nn.Module) -> Iterator[None]:
             del conv.forward
 
 
+def _in_range(x: torch.Tensor) -> torch.Tensor:
+    """The input check's verdict on the pixels, computed inside a compiled path (NaN fails both comparisons): one
+    fused loop instead of eager ``check_input``'s reduction and conversions (~11 us an image), which runs only to
+    word the error when this says no."""
+    return ((x >= 0) & (x <= 1)).all()
+
+
 class _Front(nn.Module):
-    """Image -> (patch tokens, stem feature map, probe latents, probe logits, decision): what every image pays
-    (an empty tensor stands for a part the model or the observation does not have).
+    """Image -> (patch tokens, stem feature map, probe latents, probe logits, probe labels, decision, pixels in
+    range): what every image pays (an empty tensor stands for a part the model or the observation does not have).
 
     The decision is the controller's: the chosen action indices for a PPO policy (the mode of its distribution,
     computed with :func:`policy.controller.choose_actions`'s ops), the observation for a cascade (its comparison
@@ -130,11 +174,12 @@ class _Front(nn.Module):
             decision = torch.stack(picks, 1)
         none = memory.tokens.new_zeros(0)
         latents, logits = probe if probe is not None else (none, none)
-        return memory.tokens, none if memory.features is None else memory.features, latents, logits, decision
+        features = none if memory.features is None else memory.features
+        return memory.tokens, features, latents, logits, logits.argmax(-1), decision, _in_range(x)
 
 
 class _Setting(nn.Module):
-    """(patch tokens, feature map, probe latents) -> logits at one setting, going on from the front's work as
+    """(patch tokens, feature map, probe latents) -> (logits, labels) at one setting, going on from the front's work as
     ``AdaptiveClassifier.predict`` does: a deeper stage continues the stem, a setting at the probe's stage, tokens
     and width starts from the probe's latents after its first block."""
 
@@ -145,16 +190,30 @@ class _Setting(nn.Module):
         self.memory_stage = stage
         self.from_probe = bool(clf.continues_probe[action])
 
-    def forward(self, tokens: torch.Tensor, features: torch.Tensor, probe_latents: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, features: torch.Tensor, probe_latents: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         model, s = self.backbone, self.setting
         memory = PatchMemory(tokens, features if features.numel() else None, self.memory_stage)
         if s.stage is not None and s.stage != self.memory_stage:
             memory = model.continue_embed(memory, s.stage)
         start = probe_latents if self.from_probe else model.read_latents(memory, s.tokens)
-        return model.forward_head(model.forward_blocks(start, int(self.from_probe), s.depth, s.width))
+        logits = model.forward_head(model.forward_blocks(start, int(self.from_probe), s.depth, s.width))
+        return logits, logits.argmax(-1)
 
 
-FORMS_VERSION = 2  # bump when what is exported changes (_export_forms, _Front, _Setting): old packages are not reused
+class _Full(nn.Module):
+    """Image -> (logits, pixels in range) at the full setting: the backbone, checked as the front is."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.backbone(x), _in_range(x)
+
+
+FORMS_VERSION = 4  # bump when what is exported changes (_export_forms, _Front, _Setting): old packages are not reused
 
 
 def default_aot_dir() -> Path:
@@ -245,34 +304,53 @@ class AotBatch1:
             runner = self._runners[name] = torch._inductor.aoti_load_package(str(path)).loader.run
         return runner
 
-    def _image(self, image: torch.Tensor) -> torch.Tensor:
+    def _image(self, image: torch.Tensor, path: str) -> torch.Tensor:
+        """``image`` as the batch of one the packages take. The pixel range is checked inside them (``_in_range``,
+        then :meth:`_checked`); eagerly only before ``path`` is first loaded, so that bad input compiles nothing."""
         x = image.unsqueeze(0) if image.ndim == len(self.image_shape) - 1 else image
         if tuple(x.shape) != self.image_shape:
             raise ValueError(f"AotBatch1 takes one image {self.image_shape[1:]}, got shape {tuple(image.shape)}")
-        self.clf.backbone.check_input(x)  # the compiled graphs leave it out (it reads the data)
+        if x.dtype != torch.float32:
+            raise ValueError(f"AotBatch1 runs float32 images scaled to [0, 1], got dtype {x.dtype}")
+        if path not in self._runners:
+            self.clf.backbone.check_input(x)
         return x.contiguous()
+
+    def _checked(self, x: torch.Tensor, in_range: torch.Tensor) -> None:
+        if not in_range.item():
+            self.clf.backbone.check_input(x)  # words the error (NaN, or the range found)
+            raise ValueError("expected images scaled to [0, 1]")  # only if the two checks ever disagree
 
     def front(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The compiled front's outputs for one image (checked like the eager path checks it)."""
-        x = self._image(image)
-        return self._run_front(x)
+        x = self._image(image, "front")
+        out = self._run_front(x)
+        self._checked(x, out[-1])
+        return out
 
     def _run_front(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self._runner("front", lambda: (_Front(self.clf), (torch.zeros(self.image_shape),)))([x]))
 
     def full(self, image: torch.Tensor) -> torch.Tensor:
         """Logits ``(1, classes)`` of the full setting, compiled the same way (what the speed-up is read against)."""
-        x = self._image(image)
-        return self._runner("full", lambda: (self.clf.backbone, (torch.zeros(self.image_shape),)))([x])[0]
+        x = self._image(image, "full")
+        logits, in_range = self._runner("full", lambda: (_Full(self.clf.backbone), (torch.zeros(self.image_shape),)))(
+            [x]
+        )
+        self._checked(x, in_range)
+        return logits
 
     def predict(self, image: torch.Tensor) -> Prediction:
         """Classify one image ``(C, H, W)`` or ``(1, C, H, W)`` in [0, 1] at the setting its controller picks."""
-        tokens, features, latents, probe_logits, decision = self._run_front(self._image(image))
-        actions = self.clf.policy.choose(decision[:, 0].numpy()) if self._cascade else decision.numpy().astype(np.int64)
+        x = self._image(image, "front")
+        tokens, features, latents, logits, labels, decision, in_range = self._run_front(x)
+        self._checked(x, in_range)
+        actions = self.clf.policy.choose(decision[:, 0].numpy()) if self._cascade else decision.numpy()
         action = tuple(actions[0].tolist())
         plan = self._plans.get(action) or self._plan(action)
-        logits = probe_logits if plan.runner is None else plan.runner([tokens, features, latents])[0]
-        return Prediction(logits.argmax(-1), logits, list(plan.settings), actions, plan.flops.copy())
+        if plan.runner is not None:  # None: the probe's answer stands
+            logits, labels = plan.runner([tokens, features, latents])
+        return Prediction(labels, logits, list(plan.settings), actions, plan.flops.copy())
 
     def _plan(self, action: tuple[int, ...]) -> _Plan:
         """What one chosen setting needs, worked out once: its compiled runner (None: the probe's answer stands),

@@ -18,7 +18,14 @@ from torch import nn
 from backbone import create_model
 from envs import get_observation
 from policy.adaptive import AdaptiveClassifier
-from policy.aot_batch1 import AotBatch1, _batch1_form, _depthwise_by_shifts, _export_forms, _patchify_linear
+from policy.aot_batch1 import (
+    AotBatch1,
+    _batch1_form,
+    _dense_by_rolls,
+    _depthwise_by_rolls,
+    _export_forms,
+    _patchify_linear,
+)
 from policy.cascade import ProbeCascade
 
 
@@ -102,6 +109,12 @@ def test_compiled_cascade_equals_eager_and_is_reused_from_the_cache(model, image
         assert torch.allclose(full, model(images[:3]), atol=1e-4)
         again = AotBatch1(clf, cache, on_compile=compiled.append, max_autotune=False)  # a new process, say
         assert torch.equal(again.predict(images[0]).logits, aot.predict(images[0]).logits)
+        nan = images[0].clone()
+        nan[0, 3, 3] = float("nan")
+        for bad, message in ((nan, "NaN"), (images[0] * 255, r"scaled to \[0, 1\]"), (images[0].double(), "float32")):
+            for path in (aot.predict, aot.full, aot.front):  # once compiled, the pixels are checked inside the paths
+                with pytest.raises(ValueError, match=message):
+                    path(bad)
     assert compiled[-1] == "full" and len(compiled) == 3  # nothing compiled twice
 
 
@@ -118,30 +131,41 @@ def test_bad_images_are_refused_before_anything_compiles(model, images, tmp_path
     aot = AotBatch1(_cascade(model, images), tmp_path, on_compile=compiled.append, max_autotune=False)
     nan = images[0].clone()
     nan[0, 3, 3] = float("nan")
-    for bad, message in ((nan, "NaN"), (images[:2], "one image"), (images[0, :, :20], "one image")):
+    bad_images = (nan, images[:2], images[0, :, :20], images[0] * 255, images[0].double())
+    for bad, message in zip(bad_images, ("NaN", "one image", "one image", "scaled to", "float32"), strict=True):
         with pytest.raises(ValueError, match=message):
             aot.predict(bad)
     assert compiled == [] and not any(tmp_path.iterdir())
 
 
 def test_batch1_forms_equal_the_convolutions_and_are_undone(model) -> None:
-    """The patch embedding (kernel = stride) and the patch context's depthwise convolution, in the forms exported
-    for batch 1, equal the convolutions; the 3x3 stem convolutions keep theirs; exporting leaves the model as it
-    was."""
+    """Every convolution's batch-1 form (the patch embedding as a matmul; the 3x3 stem convolutions, one input
+    channel and more, stride 1 and 2, and the patch context's depthwise one from rolled taps) equals the
+    convolution, borders included; other convolutions keep theirs; exporting leaves the model as it was."""
     torch.manual_seed(2)
     patch = model.stem.exits[0]
     depthwise = model.patch_context.conv
-    assert _batch1_form(patch) is _patchify_linear and _batch1_form(depthwise) is _depthwise_by_shifts
-    assert _batch1_form(model.stem.convs[0]) is None
+    first, strided = model.stem.convs[0], model.stem.convs[2]  # 1 -> 8 channels, stride 1; 8 -> 16, stride 2
+    assert _batch1_form(patch) is _patchify_linear and _batch1_form(depthwise) is _depthwise_by_rolls
+    assert _batch1_form(first) is _dense_by_rolls and _batch1_form(strided) is _dense_by_rolls
+    assert _batch1_form(nn.Conv2d(4, 4, 3, padding=0)) is None and _batch1_form(nn.Conv2d(4, 4, 2, padding=1)) is None
     with torch.no_grad():
         x = torch.rand(3, 1, 28, 28)
         assert torch.allclose(_patchify_linear(patch, x), patch(x), atol=1e-5)
+        assert torch.allclose(_dense_by_rolls(first, x), first(x), atol=1e-5)
+        h = torch.randn(3, strided.in_channels, 28, 28)
+        assert torch.allclose(_dense_by_rolls(strided, h), strided(h), atol=1e-5)
+        odd = nn.Conv2d(3, 5, 5, stride=2, padding=2)  # 5x5 taps, an odd input side
+        h = torch.randn(2, 3, 9, 11)
+        assert torch.allclose(_dense_by_rolls(odd, h), odd(h), atol=1e-5)
         grid = torch.randn(3, depthwise.in_channels, 7, 7)
-        assert torch.allclose(_depthwise_by_shifts(depthwise, grid), depthwise(grid), atol=1e-5)
+        assert torch.allclose(_depthwise_by_rolls(depthwise, grid), depthwise(grid), atol=1e-5)
         before = model(x)
         with _export_forms(model):
             assert torch.allclose(model(x), before, atol=1e-5)
             model.check_input(torch.full((1, 1, 28, 28), float("nan")))  # left out while exporting
-        assert "forward" not in vars(patch) and "check_input" not in vars(model)
+        assert not any("forward" in vars(c) for c in (patch, first, strided, depthwise)) and "check_input" not in vars(
+            model
+        )
         with pytest.raises(ValueError, match="NaN"):
             model.check_input(torch.full((1, 1, 28, 28), float("nan")))
