@@ -79,12 +79,29 @@ def _taps(conv: nn.Conv2d, x: torch.Tensor) -> tuple[list[tuple[int, int, torch.
     return taps, (b, ho, wo)
 
 
+TAP_WEIGHT = "batch1_tap_weight"  # the buffer name of the laid-out weights while exporting
+
+
+def _tap_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """The weights as the rolled forms read them: ``(kh*kw, out)`` for one input channel or a depthwise convolution,
+    ``(out, kh*kw*in)`` (tap-major, as the taps are laid side by side) for a dense one. While exporting, a contiguous
+    copy that ``_export_forms`` registers on the convolution, so that the compiled loops load a tap's weights as
+    one vector instead of gathering a strided view element by element."""
+    laid_out = conv._buffers.get(TAP_WEIGHT)
+    if laid_out is not None:
+        return laid_out
+    if conv.in_channels == 1 or conv.groups > 1:  # (out, 1, kh, kw)
+        return conv.weight.reshape(conv.out_channels, -1).t()
+    return conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
+
+
 def _depthwise_by_rolls(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """A depthwise convolution as k*k rolled multiply-adds, which inductor fuses into one loop over channels."""
     taps, _ = _taps(conv, x)
+    weight = _tap_weight(conv)
     out = conv.bias
     for i, j, tap in taps:
-        out = out + tap * conv.weight[:, 0, i, j]
+        out = out + tap * weight[i * conv.kernel_size[1] + j]
     return out.permute(0, 3, 1, 2)
 
 
@@ -93,12 +110,12 @@ def _dense_by_rolls(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     the taps side by side and one matmul (inductor's GEMM). At batch 1 ATen runs these small convolutions on its
     slow im2col path (oneDNN only from ~20k input values), 35-50 us each inside a compiled setting."""
     taps, (b, ho, wo) = _taps(conv, x)
+    weight = _tap_weight(conv)
     if conv.in_channels == 1:
-        out = sum(tap * conv.weight[:, 0, i, j] for i, j, tap in taps)
+        out = sum(tap * weight[i * conv.kernel_size[1] + j] for i, j, tap in taps)
         out = out if conv.bias is None else out + conv.bias
         return out.permute(0, 3, 1, 2)
     patches = torch.cat([tap for _, _, tap in taps], -1).reshape(b, ho * wo, -1)  # (B, Ho*Wo, kh*kw*C), tap-major
-    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # the same order
     return F.linear(patches, weight, conv.bias).reshape(b, ho, wo, -1).permute(0, 3, 1, 2)
 
 
@@ -129,6 +146,8 @@ def _export_forms(model: nn.Module) -> Iterator[None]:
         form = _batch1_form(conv)
         if form is not None:
             conv.forward = functools.partial(form, conv)  # an instance attribute shadows the method
+            if form is not _patchify_linear:
+                conv.register_buffer(TAP_WEIGHT, _tap_weight(conv).detach().contiguous(), persistent=False)
             swapped.append(conv)
     model.check_input = lambda x: None
     try:
@@ -140,6 +159,7 @@ def _export_forms(model: nn.Module) -> Iterator[None]:
         del model.check_input
         for conv in swapped:
             del conv.forward
+            conv._buffers.pop(TAP_WEIGHT, None)
 
 
 def _in_range(x: torch.Tensor) -> torch.Tensor:
@@ -213,7 +233,7 @@ class _Full(nn.Module):
         return self.backbone(x), _in_range(x)
 
 
-FORMS_VERSION = 4  # bump when what is exported changes (_export_forms, _Front, _Setting): old packages are not reused
+FORMS_VERSION = 5  # bump when what is exported changes (_export_forms, _Front, _Setting): old packages are not reused
 
 
 def default_aot_dir() -> Path:

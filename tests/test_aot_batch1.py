@@ -19,6 +19,7 @@ from backbone import create_model
 from envs import get_observation
 from policy.adaptive import AdaptiveClassifier
 from policy.aot_batch1 import (
+    TAP_WEIGHT,
     AotBatch1,
     _batch1_form,
     _dense_by_rolls,
@@ -164,6 +165,7 @@ def test_batch1_forms_equal_the_convolutions_and_are_undone(model) -> None:
         with _export_forms(model):
             assert torch.allclose(model(x), before, atol=1e-5)
             model.check_input(torch.full((1, 1, 28, 28), float("nan")))  # left out while exporting
+        assert not any(TAP_WEIGHT in c._buffers for c in (first, strided, depthwise))
         assert not any("forward" in vars(c) for c in (patch, first, strided, depthwise)) and "check_input" not in vars(
             model
         )
