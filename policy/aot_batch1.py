@@ -362,9 +362,7 @@ class AotBatch1:
 
     def predict(self, image: torch.Tensor) -> Prediction:
         """Classify one image ``(C, H, W)`` or ``(1, C, H, W)`` in [0, 1] at the setting its controller picks."""
-        x = self._image(image, "front")
-        tokens, features, latents, logits, labels, decision, in_range = self._run_front(x)
-        self._checked(x, in_range)
+        tokens, features, latents, logits, labels, decision, _ = self.front(image)
         actions = self.clf.policy.choose(decision[:, 0].numpy()) if self._cascade else decision.numpy()
         action = tuple(actions[0].tolist())
         plan = self._plans.get(action) or self._plan(action)
