@@ -1,4 +1,9 @@
-"""Rewrites of the adaptive path's small operators, timed in a run's ``predict`` (issue 21; none shipped).
+"""Rewrites of the adaptive path's small operators, timed in a run's ``predict`` (issue 21).
+
+* ``library_attention``: the one rewrite shipped, switched off: attention over two keys back on the library kernel
+  instead of its closed form (``backbone.layers.attention.attention``); its speed-up under 1 is what the form gains.
+
+Not shipped (each measured within the machine's noise):
 
 * ``fused_stem``: each stem convolution and its GELU as one oneDNN call (``torch.ops.mkldnn._convolution_pointwise``,
   the fusion inductor uses on CPU) instead of a convolution and a separate GELU.
@@ -33,6 +38,7 @@ from backbone.data import DataError
 from backbone.data_source import resolve_data
 from backbone.fileio import write_json
 from backbone.interrupt import exits_cleanly_on_ctrl_c
+from backbone.layers import attention as attention_module
 from backbone.layers.stem import ConvStem
 from backbone.model import AdaPerceiver
 from backbone.option_checks import int_at_least
@@ -69,6 +75,12 @@ def _explicit_attention(q, k, v, attn_mask=None, **kwargs):
 
 
 @contextlib.contextmanager
+def library_attention() -> Iterator[None]:
+    with mock.patch.object(attention_module, "TWO_KEY_MIN_ROWS", sys.maxsize):
+        yield
+
+
+@contextlib.contextmanager
 def fused_stem() -> Iterator[None]:
     with mock.patch.object(ConvStem, "features", _fused_features):
         yield
@@ -102,6 +114,7 @@ def compiled(backend: str = "inductor") -> Iterator[None]:
 
 
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+    "library_attention": library_attention,
     "fused_stem": fused_stem,
     "small_attention": small_attention,
     "compiled": compiled,

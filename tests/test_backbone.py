@@ -34,6 +34,7 @@ from backbone import (
 from backbone.checkpoint import FORMAT, FORMAT_VERSION, METADATA_KEY
 from backbone.flops import SHARED_PARTS, read_is_folded
 from backbone.layers import MatryoshkaMlp, PatchContext
+from backbone.layers.attention import TWO_KEY_MIN_ROWS, attention
 from backbone.settings import Setting
 from backbone.training import joint_loss
 
@@ -298,6 +299,32 @@ def test_folded_read_equals_the_projected_read(qkv_bias: bool) -> None:
             torch.testing.assert_close(m.read.attend_folded(q, tokens), want, atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="cannot be folded"):
             m.write.attend_folded(q, torch.randn(5, 4, m.cfg.embed_dim))
+
+
+def test_two_key_attention_in_closed_form_equals_the_library_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over two keys, with grad off and enough rows, ``attention`` answers without the library kernel (which is made
+    to raise) and equals it: self-attention's strided q/k/v and the write-out's one expanded query."""
+    torch.manual_seed(0)
+    qkv = torch.randn(40, 2, 3, 8, 16).permute(2, 0, 3, 1, 4)  # SelfAttention's layout: (3, B, heads, 2, head_dim)
+    query = torch.randn(1, 8, 1, 16).expand(40, -1, -1, -1)
+    cases = [(qkv[0], qkv[1], qkv[2]), (query, qkv[1], qkv[2])]
+    want = [F.scaled_dot_product_attention(*c) for c in cases]
+
+    def library_kernel(*args, **kwargs):
+        raise AssertionError("the closed form was not taken")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", library_kernel)
+    with torch.no_grad():
+        for case, expected in zip(cases, want, strict=True):
+            torch.testing.assert_close(attention(*case), expected, atol=1e-6, rtol=1e-5)
+        with pytest.raises(AssertionError, match="not taken"):  # three keys, a mask, too few rows: the library's
+            attention(qkv[0], *(torch.cat((t, t[:, :, :1]), 2) for t in qkv[1:]))
+        with pytest.raises(AssertionError, match="not taken"):
+            attention(*cases[0], torch.ones(2, 2, dtype=torch.bool))
+        with pytest.raises(AssertionError, match="not taken"):
+            attention(*(t[: TWO_KEY_MIN_ROWS // 16 - 1] for t in cases[0]))
+    with pytest.raises(AssertionError, match="not taken"):  # grad on (training): the library kernel and its backward
+        attention(*cases[0])
 
 
 def test_flops_match_counter_with_patch_context() -> None:

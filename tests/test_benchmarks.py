@@ -49,3 +49,19 @@ def test_backbone_benchmark(model: str, tmp_path: Path) -> None:
     assert smallest["mflops_per_image"] == pytest.approx(m.grid.flops.min() / 1e6)
     assert result["smallest_flops_ratio"] == pytest.approx(m.grid.full_flops / m.grid.flops.min())
     assert ("stage" in full) == bool(m.grid.stages)
+
+
+def test_two_key_attention_benchmark_reports_both_forms_and_the_threshold(tmp_path: Path) -> None:
+    """Both forms timed on every shape and in agreement; "taken" is exactly the rows at or above the threshold."""
+    from backbone.layers.attention import TWO_KEY_MIN_ROWS
+
+    out = tmp_path / "two_key.json"
+    r = _run("benchmarks.two_key_attention", "--batch-sizes", "1", "32", "--repeats", "3", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert result["min_rows"] == TWO_KEY_MIN_ROWS
+    assert [(row["batch"], row["queries"]) for row in result["rows"]] == [(1, 1), (1, 2), (32, 1), (32, 2)]
+    for row in result["rows"]:
+        assert row["rows"] == row["batch"] * 8 * row["queries"]
+        assert row["closed_form_used"] == (row["rows"] >= TWO_KEY_MIN_ROWS)
+        assert row["library_us"] > 0 and row["closed_form_us"] > 0 and row["max_abs_diff"] < 1e-5

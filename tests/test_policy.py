@@ -540,6 +540,26 @@ def test_operator_variants_compute_what_they_replace() -> None:
     assert torch.nn.functional.scaled_dot_product_attention.__name__ == "scaled_dot_product_attention"
 
 
+def test_library_attention_variant_switches_the_two_key_form_off_and_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks.operator_variants' ``library_attention``: while on, two-key attention goes to the library kernel
+    (the baseline the shipped closed form is timed against); after it, the closed form again."""
+    from backbone.layers.attention import TWO_KEY_MIN_ROWS, attention
+    from benchmarks.operator_variants import library_attention
+
+    q, k, v = torch.randn(3, TWO_KEY_MIN_ROWS, 1, 2, 16)
+    calls = []
+    library = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or library(*a, **kw)
+    )
+    with torch.no_grad():
+        closed = attention(q, k, v)
+        with library_attention():
+            kernel = attention(q, k, v)
+        attention(q, k, v)
+    assert len(calls) == 1 and torch.allclose(closed, kernel, atol=1e-6)
+
+
 def test_compiled_variant_runs_predict_through_compiled_pieces_and_puts_them_back(run: Path) -> None:
     """benchmarks.operator_variants' ``compiled``: predict through the captured pieces (dynamo's eager backend: the
     same capture and patching as inductor, without its code generation) gives the same settings and logits, every

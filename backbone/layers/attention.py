@@ -4,8 +4,9 @@
 * read (latents <- patches): RoPE on the query (latent) side only;
 * write (output query <- latents): RoPE on the key (latent) side only.
 
-Both use ``F.scaled_dot_product_attention``; the FLOPs of its CPU kernel are registered for
-``FlopCounterMode`` in ``backbone/flops.py``.
+Both use ``F.scaled_dot_product_attention`` through :func:`attention` (which answers attention over exactly two
+keys in closed form at inference); the FLOPs of the library's CPU kernel are registered for ``FlopCounterMode`` in
+``backbone/flops.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbone.layers.rope import RotaryEmbedding1d
+
+# (batch x heads x queries) rows from which two-key attention in closed form beats the library kernel (under it the
+# closed form's few more operator calls cost more than they save): python -m benchmarks.two_key_attention
+TWO_KEY_MIN_ROWS = 128
+
+
+def two_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v)`` for exactly two keys, in closed form.
+
+    A softmax of two scores is the sigmoid of their difference, so ``out = v1 + sigmoid(q . (k0 - k1) / sqrt(d)) *
+    (v0 - v1)``: one dot product per query and a lerp, equal up to float rounding (and fewer FLOPs than the two
+    matmuls the analytic count keeps for it).
+    """
+    k0, k1 = k.unbind(-2)
+    v0, v1 = v.unbind(-2)
+    weight0 = torch.sigmoid((q @ (k0 - k1).unsqueeze(-1)) * q.shape[-1] ** -0.5)  # (..., queries, 1)
+    return torch.lerp(v1.unsqueeze(-2), v0.unsqueeze(-2), weight0)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask)``, over two keys by :func:`two_key_attention` at inference.
+
+    Every setting the default controllers pick has 2 latents, so its blocks' self-attention and its write-out
+    attend over two keys, for which the library's CPU flash kernel is slow: it is made for long sequences
+    (``python -m benchmarks.two_key_attention`` times both). The closed form is used without a mask, with grad off
+    (training keeps the library kernel and its backward) and from ``TWO_KEY_MIN_ROWS`` rows.
+    """
+    if (
+        attn_mask is None
+        and k.shape[-2] == 2
+        and q.shape[:-1].numel() >= TWO_KEY_MIN_ROWS
+        and not torch.is_grad_enabled()
+    ):
+        return two_key_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -46,7 +82,7 @@ class SelfAttention(nn.Module):
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k = rope(qkv[:2])  # one rotation for q and k together: fewer small ops per block at small batch
-        y = F.scaled_dot_product_attention(q, k, qkv[2], attn_mask=attn_mask)
+        y = attention(q, k, qkv[2], attn_mask)
         return self.proj(_merge_heads(y))
 
 
@@ -90,7 +126,7 @@ class CrossAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Attention of projected ``q`` over projected ``k``/``v``, then the output projection."""
-        return self.proj(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)))
+        return self.proj(_merge_heads(attention(q, k, v, attn_mask)))
 
     def attend_folded(self, q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
         """``attend(q, *project_kv(x_kv))`` (no RoPE on the key side) without projecting any key or value.
