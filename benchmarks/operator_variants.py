@@ -8,7 +8,8 @@ Not shipped (each measured within the machine's noise):
 * ``fused_stem``: each stem convolution and its GELU as one oneDNN call (``torch.ops.mkldnn._convolution_pointwise``,
   the fusion inductor uses on CPU) instead of a convolution and a separate GELU.
 * ``small_attention``: latent attention over at most 8 keys as two batched matmuls and a softmax instead of
-  ``F.scaled_dot_product_attention``, whose CPU kernel is made for long sequences.
+  ``F.scaled_dot_product_attention``, whose CPU kernel is made for long sequences (timed before the two-key form;
+  today it covers only the calls that still reach the library kernel).
 * ``compiled``: the backbone pieces ``predict`` calls per batch (embedding, stem continuation, read, probe, grouped
   block, head) compiled by ``torch.compile`` (inductor, dynamic batch), the option issue 21 names; the first pass
   compiles every group layout the images need, so the timed passes run warm.
