@@ -354,9 +354,8 @@ class AotBatch1:
     def full(self, image: torch.Tensor) -> torch.Tensor:
         """Logits ``(1, classes)`` of the full setting, compiled the same way (what the speed-up is read against)."""
         x = self._image(image, "full")
-        logits, in_range = self._runner("full", lambda: (_Full(self.clf.backbone), (torch.zeros(self.image_shape),)))(
-            [x]
-        )
+        run = self._runner("full", lambda: (_Full(self.clf.backbone), (torch.zeros(self.image_shape),)))
+        logits, in_range = run([x])
         self._checked(x, in_range)
         return logits
 
